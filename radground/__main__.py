@@ -1,0 +1,3 @@
+from radground.cli import main
+
+main()

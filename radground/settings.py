@@ -1,0 +1,189 @@
+"""The one settings object of radground.
+
+Sources, highest priority first: keyword arguments, environment variables
+(prefix ``RADGROUND_``, nested groups joined by ``__``, e.g.
+``RADGROUND_STORAGE__BACKEND=s3``), an optional YAML file (``--config FILE``),
+then the defaults below, which are the embedded, server-free setup.
+
+Secrets are ``SecretStr``: they print as ``**********`` and
+:meth:`Settings.public_dict` masks them, so nothing that logs or archives the
+settings can leak one. Each later stage adds its own group here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+from radground.errors import ConfigError
+
+ENV_PREFIX = "RADGROUND_"
+ENV_NESTED_DELIMITER = "__"
+
+
+class _Group(BaseModel):
+    """A nested settings group: unknown keys are typos, so they are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StorageSettings(_Group):
+    """Where radground keeps objects: a local folder (default) or an S3/MinIO bucket."""
+
+    backend: Literal["local", "s3"] = "local"
+    root: Path | None = Field(
+        default=None, description="Local backend folder; default <data_dir>/store."
+    )
+    endpoint: str = Field(
+        default="http://127.0.0.1:9000",
+        description="S3 endpoint URL, http:// or https:// (MinIO, or any S3-compatible server).",
+    )
+    bucket: str = Field(default="radground", min_length=3, max_length=63)
+    prefix: str = Field(default="", description="Key prefix inside the bucket, e.g. 'site-a/'.")
+    region: str = "us-east-1"
+    access_key: SecretStr | None = None
+    secret_key: SecretStr | None = None
+    create_bucket: bool = Field(
+        default=True, description="Create the bucket when it does not exist yet."
+    )
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    read_timeout_s: float = Field(default=60.0, gt=0)
+    max_attempts: int = Field(
+        default=4, ge=1, le=20, description="Tries per operation on transient errors."
+    )
+    backoff_s: float = Field(
+        default=0.5, ge=0, description="First retry delay; doubles each retry (with jitter)."
+    )
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint_is_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(
+                "expected a URL such as http://127.0.0.1:9000 or https://minio.example.org"
+            )
+        if parts.path not in ("", "/"):
+            raise ValueError("the endpoint must not carry a path; put the bucket in storage.bucket")
+        return value.rstrip("/")
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix_is_relative(cls, value: str) -> str:
+        if value.startswith("/") or ".." in value.split("/"):
+            raise ValueError("expected a relative prefix without '..', e.g. 'site-a/'")
+        return value.strip("/") + "/" if value.strip("/") else ""
+
+
+class Settings(BaseSettings):
+    """All of radground's configuration. Build it with :func:`load_settings`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=ENV_NESTED_DELIMITER,
+        extra="forbid",
+        frozen=True,
+    )
+
+    data_dir: Path = Field(
+        default=Path(".radground"),
+        description="Everything the embedded default writes: object store, MLflow DB, "
+        "Prefect home, caches, logs.",
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    storage: StorageSettings = StorageSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if settings_cls.model_config.get("yaml_file"):
+            sources.append(YamlConfigSettingsSource(settings_cls))
+        return tuple(sources)
+
+    @property
+    def store_root(self) -> Path:
+        """Folder of the local object store backend."""
+        return self.storage.root if self.storage.root is not None else self.data_dir / "store"
+
+    def public_dict(self) -> dict[str, Any]:
+        """The settings as plain JSON-able data with every secret masked."""
+        return _mask_secrets(self.model_dump(mode="python"))
+
+    def settings_hash(self) -> str:
+        """sha256 over the public settings: same settings, same hash; secrets never enter it."""
+        blob = json.dumps(self.public_dict(), sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _mask_secrets(value: Any) -> Any:
+    if isinstance(value, SecretStr):
+        return "**********" if value.get_secret_value() else ""
+    if isinstance(value, dict):
+        return {k: _mask_secrets(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_mask_secrets(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Settings:
+    """Build the settings from overrides, environment and an optional YAML file.
+
+    Raises ConfigError naming each bad setting, the value given (secrets masked)
+    and what is allowed.
+    """
+    settings_cls: type[Settings] = Settings
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError(
+                f"config file {path} does not exist or is not a file. "
+                "Pass an existing YAML file with --config, or leave it out to use the defaults."
+            )
+        # A throwaway subclass carries the file path into settings_customise_sources
+        # without global state, so two loads with different files never interfere.
+        config = SettingsConfigDict(**{**Settings.model_config, "yaml_file": path})
+        settings_cls = type("FileSettings", (Settings,), {"model_config": config})
+    try:
+        return settings_cls(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(_describe_validation_error(exc, config_file)) from None
+    except (ValueError, TypeError) as exc:  # YAML parse errors and the like
+        raise ConfigError(f"config file {config_file}: cannot be read as YAML settings ({exc}).") from None
+
+
+def _describe_validation_error(exc: ValidationError, config_file: Path | str | None) -> str:
+    problems = []
+    for error in exc.errors():
+        name = ".".join(str(part) for part in error["loc"])
+        env_name = ENV_PREFIX + ENV_NESTED_DELIMITER.join(str(p) for p in error["loc"]).upper()
+        secret = any(word in name for word in ("key", "secret", "password", "token"))
+        given = "<hidden>" if secret else repr(error.get("input"))
+        if error["type"] == "extra_forbidden":
+            problems.append(f"{name} is not a known setting (value {given})")
+        else:
+            problems.append(f"{name} = {given}: {error['msg']} (env {env_name})")
+    where = f" in config file {config_file} or the environment" if config_file else " in the environment"
+    return (
+        f"invalid settings{where}: " + "; ".join(problems) + ". "
+        "Fix the value, or run `radground config show` to see the effective settings."
+    )

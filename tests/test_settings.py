@@ -1,0 +1,95 @@
+"""Settings: defaults, environment, YAML file, precedence, validation messages, secrets."""
+
+from pathlib import Path
+
+import pytest
+
+from radground.errors import ConfigError
+from radground.settings import load_settings
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch):
+    # A developer's own RADGROUND_* variables must not leak into these tests.
+    import os
+
+    for name in list(os.environ):
+        if name.startswith("RADGROUND_"):
+            monkeypatch.delenv(name)
+
+
+def test_defaults_are_the_embedded_setup():
+    settings = load_settings()
+    assert settings.data_dir == Path(".radground")
+    assert settings.storage.backend == "local"
+    assert settings.store_root == Path(".radground") / "store"
+
+
+def test_environment_sets_nested_groups(monkeypatch, tmp_path):
+    monkeypatch.setenv("RADGROUND_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("RADGROUND_STORAGE__BACKEND", "s3")
+    monkeypatch.setenv("RADGROUND_STORAGE__ENDPOINT", "https://minio.example.org:9000")
+    monkeypatch.setenv("RADGROUND_STORAGE__SECRET_KEY", "s3cr3t-value")
+    settings = load_settings()
+    assert settings.data_dir == tmp_path
+    assert settings.storage.backend == "s3"
+    assert settings.storage.endpoint == "https://minio.example.org:9000"
+    assert settings.storage.secret_key.get_secret_value() == "s3cr3t-value"
+
+
+def test_yaml_file_and_env_precedence(monkeypatch, tmp_path):
+    config = tmp_path / "radground.yaml"
+    config.write_text(
+        "data_dir: /srv/radground\nstorage:\n  backend: s3\n  bucket: from-yaml\n  region: eu-central-1\n",
+        encoding="utf-8",
+    )
+    monkeypatch.setenv("RADGROUND_STORAGE__BUCKET", "from-env")
+    settings = load_settings(config)
+    assert settings.data_dir == Path("/srv/radground")
+    assert settings.storage.region == "eu-central-1"  # from the file
+    assert settings.storage.bucket == "from-env"  # the environment wins over the file
+    # A later load without the file is unaffected by the earlier one.
+    assert load_settings().storage.region == "us-east-1"
+
+
+def test_invalid_value_names_setting_value_and_allowed(monkeypatch):
+    monkeypatch.setenv("RADGROUND_STORAGE__BACKEND", "gcs")
+    with pytest.raises(ConfigError, match=r"storage\.backend = 'gcs'.*'local' or 's3'.*RADGROUND_STORAGE__BACKEND"):
+        load_settings()
+
+
+def test_invalid_endpoint_says_what_is_expected():
+    with pytest.raises(ConfigError, match=r"storage\.endpoint = 'minio:9000'.*expected a URL"):
+        load_settings(storage={"endpoint": "minio:9000"})
+
+
+def test_unknown_setting_in_yaml_is_rejected(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("storage:\n  bakend: s3\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"storage\.bakend is not a known setting"):
+        load_settings(config)
+
+
+def test_missing_config_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"config file .*nope\.yaml does not exist"):
+        load_settings(tmp_path / "nope.yaml")
+
+
+def test_secrets_never_appear_in_public_dict_hash_or_errors(monkeypatch):
+    secret = "hunter2-do-not-print"
+    settings = load_settings(storage={"secret_key": secret, "access_key": "AKIAEXAMPLE"})
+    assert secret not in repr(settings)
+    assert secret not in str(settings.public_dict())
+    assert settings.public_dict()["storage"]["secret_key"] == "**********"
+    # Same public settings, different secret: the hash must not depend on the secret.
+    other = load_settings(storage={"secret_key": "another", "access_key": "AKIAEXAMPLE"})
+    assert settings.settings_hash() == other.settings_hash()
+    monkeypatch.setenv("RADGROUND_STORAGE__SECRET_KEY", secret)
+    monkeypatch.setenv("RADGROUND_STORAGE__MAX_ATTEMPTS", "zero")
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert secret not in str(info.value)
+
+
+def test_settings_hash_changes_with_a_setting():
+    assert load_settings().settings_hash() != load_settings(storage={"bucket": "other-bucket"}).settings_hash()
