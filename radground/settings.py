@@ -86,6 +86,29 @@ class StorageSettings(_Group):
         return value.strip("/") + "/" if value.strip("/") else ""
 
 
+class DeidSettings(_Group):
+    """De-identification (DICOM PS3.15 basic profile, retain longitudinal temporal info
+    with modified dates). The key turns source IDs into pseudonyms; whoever holds it can
+    re-link, so it lives apart from the data and never enters an artifact."""
+
+    key: SecretStr | None = Field(
+        default=None,
+        description="HMAC key (>= 32 characters). Unset: the embedded default generates one "
+        "under <data_dir>/secrets/ on first use.",
+    )
+    date_shift_max_days: int = Field(
+        default=730, ge=1, le=36500,
+        description="Each patient's dates move back by a stable 1..N days derived from the key.",
+    )
+
+    @field_validator("key")
+    @classmethod
+    def _key_is_long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 32:
+            raise ValueError("the de-identification key must be at least 32 characters long")
+        return value
+
+
 class Settings(BaseSettings):
     """All of radground's configuration. Build it with :func:`load_settings`."""
 
@@ -103,6 +126,7 @@ class Settings(BaseSettings):
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     storage: StorageSettings = StorageSettings()
+    deid: DeidSettings = DeidSettings()
 
     @classmethod
     def settings_customise_sources(

@@ -43,6 +43,8 @@ if [ ! -f "$DEPS/.complete" ]; then
   quiet_pip "$DEPS/bin/python" -m pip install --quiet --no-deps -r "$LOCK"
   "$DEPS/bin/python" -m pip check >/dev/null || { "$DEPS/bin/python" -m pip check >&2; exit 1; }
   touch "$DEPS/.complete"
+  # Keep the two newest dependency sets (this one and the previous lock's); drop older ones.
+  ls -1dt "$CACHE"/deps-*/ 2>/dev/null | tail -n +3 | xargs -r rm -rf
 fi
 flock -u 9
 

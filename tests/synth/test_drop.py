@@ -227,7 +227,8 @@ def test_reports_state_the_planted_lesion_sizes(drop):
     assert sizes
     for size_mm in sizes:
         cm = f"{size_mm / 10:.1f}"
-        candidates = {cm, cm.replace(".", ","), f"{size_mm:.0f} mm"}
+        mm = f"{size_mm:.0f}"
+        candidates = {cm, cm.replace(".", ","), f"{mm} mm", f"{mm} x "}  # "16 x 12 mm" too
         assert any(c in text for c in candidates), size_mm
 
 

@@ -1,0 +1,75 @@
+"""Benchmark runner: `make bench` or `python bench/run.py [NAME ...]`.
+
+Each benchmark warms up, measures with a fixed seed, and writes
+bench/results/<name>-<commit>.json with the machine and git commit. Figures are
+reported in issue notes; they are never asserted in tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True, cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _machine() -> dict:
+    return {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "processor": platform.processor() or platform.machine()}
+
+
+def bench_synth(patients: int = 20, seed: int = 0) -> dict:
+    """`radground synth OUT --patients 20` end to end, as a user runs it (CLI subprocess)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "radground", "synth"]
+        subprocess.run([*cmd, f"{tmp}/warmup", "--patients", "1", "--seed", "1"], check=True,
+                       capture_output=True)
+        started = time.perf_counter()
+        subprocess.run([*cmd, f"{tmp}/drop", "--patients", str(patients), "--seed", str(seed)], check=True,
+                       capture_output=True)
+        seconds = time.perf_counter() - started
+        files = [p for p in Path(tmp, "drop").rglob("*") if p.is_file()]
+        dicom = [p for p in files if p.suffix.lower() not in (".csv", ".yaml", ".txt", ".jpg")]
+    return {"patients": patients, "seconds": round(seconds, 2), "files": len(files),
+            "megabytes": round(sum(p.stat().st_size for p in files) / 1e6, 1),
+            "slices_per_s": round(len(dicom) / seconds, 1)}
+
+
+BENCHMARKS: dict[str, Callable[[], dict]] = {"synth": bench_synth}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("names", nargs="*", help=f"benchmarks to run, of {sorted(BENCHMARKS)} (default: all)")
+    args = parser.parse_args()
+    unknown = set(args.names) - set(BENCHMARKS)
+    if unknown:
+        parser.error(f"unknown benchmark(s) {sorted(unknown)}; choose from {sorted(BENCHMARKS)}")
+    RESULTS.mkdir(exist_ok=True)
+    commit = _git_commit()
+    for name in args.names or list(BENCHMARKS):
+        figures = BENCHMARKS[name]()
+        record = {"benchmark": name, "commit": commit, "machine": _machine(), "figures": figures}
+        path = RESULTS / f"{name}-{commit}.json"
+        path.write_text(json.dumps(record, indent=2))
+        print(f"{name}: {json.dumps(figures)}  -> {path}")
+
+
+if __name__ == "__main__":
+    main()
