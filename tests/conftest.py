@@ -1,0 +1,140 @@
+"""Shared fixtures: hermetic settings and in-process S3 (moto) servers on loopback."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from radground.settings import ENV_PREFIX, Settings, load_settings
+
+FAKE_ACCESS_KEY = "radground-test-access"
+FAKE_SECRET_KEY = "radground-test-secret-do-not-print"
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on right now (the OS picks it: bind to port 0)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_for_port(port: int, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"moto server exited early with code {proc.returncode}")
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"moto server did not listen on 127.0.0.1:{port} within {timeout_s} s")
+
+
+@pytest.fixture
+def free_tcp_port() -> int:
+    """A loopback port with nothing listening on it."""
+    return free_port()
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Drop RADGROUND_* variables so a developer's shell cannot leak into the settings."""
+    for name in list(os.environ):
+        if name.startswith(ENV_PREFIX):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[str]:
+    """moto's S3 server in this process, on a free loopback port; yields its endpoint URL."""
+    from moto.server import ThreadedMotoServer
+
+    # Port 0 lets the server's own socket take a free port: no window in which another
+    # process could grab a port we picked (a failed bind would hang ThreadedMotoServer.start).
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_auth_server() -> Iterator[dict[str, str]]:
+    """A second moto server that checks credentials; yields its endpoint and one valid key.
+
+    moto reads INITIAL_NO_AUTH_ACTION_COUNT once per process and keeps the switch global, so
+    this server runs in a child process (its own environment) and cannot turn on
+    authentication for the in-process ``s3_server``. The first 3 requests are unauthenticated:
+    they create an IAM user allowed s3:* and its access key.
+    """
+    import boto3
+
+    port = free_port()
+    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "3"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        _wait_for_port(port, timeout_s=30, proc=proc)
+        endpoint = f"http://127.0.0.1:{port}"
+        iam = boto3.client(
+            "iam",
+            endpoint_url=endpoint,
+            region_name="us-east-1",
+            aws_access_key_id="bootstrap",
+            aws_secret_access_key="bootstrap",
+        )
+        iam.create_user(UserName="radground")
+        iam.put_user_policy(
+            UserName="radground",
+            PolicyName="s3-all",
+            PolicyDocument='{"Version": "2012-10-17", "Statement": '
+            '[{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}',
+        )
+        key = iam.create_access_key(UserName="radground")["AccessKey"]
+        yield {
+            "endpoint": endpoint,
+            "access_key": key["AccessKeyId"],
+            "secret_key": key["SecretAccessKey"],
+        }
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def make_s3_settings(tmp_path: Path, clean_env: None) -> Callable[..., Settings]:
+    """Build S3 settings for a test: fake credentials, fast retries, a bucket of its own."""
+
+    def build(endpoint: str, **storage: Any) -> Settings:
+        values: dict[str, Any] = {
+            "backend": "s3",
+            "endpoint": endpoint,
+            "bucket": f"rg-{uuid.uuid4().hex[:16]}",
+            "access_key": FAKE_ACCESS_KEY,
+            "secret_key": FAKE_SECRET_KEY,
+            "max_attempts": 2,
+            "backoff_s": 0.01,
+            "connect_timeout_s": 2.0,
+            "read_timeout_s": 10.0,
+        }
+        values.update(storage)
+        return load_settings(data_dir=tmp_path, storage=values)
+
+    return build
