@@ -60,7 +60,7 @@ if [ ! -f "$VENV/.radground-stamp" ] || [ "$(cat "$VENV/.radground-stamp")" != "
   # Expose the cache's command-line tools (dvc, prefect, mlflow, ray, ruff, ...) in .venv/bin.
   for tool in "$DEPS"/bin/*; do
     name=$(basename "$tool")
-    case "$name" in python*|pip*|activate*|Activate*) continue ;; esac
+    case "$name" in python*|pip*|activate*|Activate*|__pycache__) continue ;; esac
     [ -e "$VENV/bin/$name" ] || ln -s "$tool" "$VENV/bin/$name"
   done
   echo "$STAMP" > "$VENV/.radground-stamp"
