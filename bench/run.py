@@ -46,8 +46,9 @@ def bench_synth(patients: int = 20, seed: int = 0) -> dict:
         seconds = time.perf_counter() - started
         files = [p for p in Path(tmp, "drop").rglob("*") if p.is_file()]
         dicom = [p for p in files if p.suffix.lower() not in (".csv", ".yaml", ".txt", ".jpg")]
+        megabytes = sum(p.stat().st_size for p in files) / 1e6
     return {"patients": patients, "seconds": round(seconds, 2), "files": len(files),
-            "megabytes": round(sum(p.stat().st_size for p in files) / 1e6, 1),
+            "megabytes": round(megabytes, 1),
             "slices_per_s": round(len(dicom) / seconds, 1)}
 
 

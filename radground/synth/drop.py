@@ -435,7 +435,8 @@ def _write_localizer(
     ys = np.linspace(-fov / 2, fov / 2, 96)
     zs = np.linspace(anatomy.z_top, anatomy.z_top - anatomy.length, coarse)
     grid_x, grid_y = np.meshgrid(xs, ys)  # (96, 128)
-    hu_mean = np.array([phantom.mean_hu_table(anatomy.contrast)[phantom.render_labels(anatomy, grid_x, grid_y, z)].mean(axis=0) for z in zs])
+    table = phantom.mean_hu_table(anatomy.contrast)
+    hu_mean = np.array([table[phantom.render_labels(anatomy, grid_x, grid_y, z)].mean(axis=0) for z in zs])
     image = np.repeat(np.repeat(hu_mean, size // coarse, axis=0), size // coarse, axis=1).astype(np.int16)
     number = 99
     series = SeriesHeader(

@@ -108,7 +108,7 @@ def test_series_slices_are_parallel_and_ordered_along_the_normal(drop):
 def test_ct_hounsfield_values_match_the_truth_boxes(drop):
     result, truth = drop
     checked = 0
-    for _, series, f in _axial_files(truth, "CT"):
+    for _, _series, f in _axial_files(truth, "CT"):
         boxes = f["boxes"]
         if not {"lung_left", "lung_right"} <= boxes.keys() and "liver" not in boxes:
             continue
