@@ -22,6 +22,7 @@ from rich.table import Table
 
 from radground import __version__
 from radground.errors import RadgroundError
+from radground.runtime import progress_hook
 from radground.settings import Settings, load_settings
 
 EXIT_ERROR = 2
@@ -121,19 +122,47 @@ def synth(
 
 
 @app.command()
+def rebuild(
+    drops: Annotated[list[str], typer.Argument(
+        metavar="DROP...", help="Drop folders, or store:PREFIX for a drop inside the object store.")],
+) -> None:
+    """Rebuild the dataset from one or more drops: ingest, de-identify, extract slices, scrub reports.
+
+    Runs the Prefect flow rebuild_dataset on Ray: embedded by default (a Prefect API on
+    127.0.0.1 and a local Ray with ray.num_cpus CPUs), or on prefect.api_url / ray.address.
+    """
+    from flows.rebuild import run_rebuild  # Prefect and Ray load only when needed
+
+    settings = state.settings
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("series"),
+                  TimeElapsedColumn(), console=console, transient=True) as progress:
+        bar = progress.add_task("starting Prefect + Ray", total=None)
+
+        def follow(stage: str, done: int, total: int) -> None:
+            progress.update(bar, description=stage, completed=done, total=total)
+
+        with progress_hook(follow):
+            summaries = run_rebuild(drops, settings)
+    for summary in summaries:
+        out.print(summary.line())
+    store = settings.store_root.resolve() if settings.storage.backend == "local" else settings.storage.bucket
+    out.print(f"stage outputs: {store} (prefix ingest/<drop_id>/)")
+
+
+@app.command()
 def demo(
     patients: Annotated[int, typer.Option("--patients", "-n", min=1, help="Patients in the demo drop.")] = 6,
     seed: Annotated[int, typer.Option("--seed", "-s", min=0, help="Random seed of the demo drop.")] = 0,
 ) -> None:
     """Run the main job on the embedded default: every stage that exists, on a synthetic drop.
 
-    Writes under data_dir (default ./.radground). Stages so far: synth.
+    Writes under data_dir (default ./.radground). Stages so far: synth, rebuild (ingest).
     """
     data_dir = state.settings.data_dir.resolve()
     drop_dir = data_dir / "drops" / "demo"
     synth(drop_dir, patients=patients, seed=seed, force=True)
     out.print(f"demo drop written to [bold]{drop_dir}[/] (ground truth: {drop_dir}.truth.json)")
-    out.print(f"object store: {state.settings.storage.backend} ({state.settings.store_root.resolve()})")
+    rebuild([str(drop_dir)])
 
 
 @config_app.command("show")

@@ -38,3 +38,7 @@ class InvalidKeyError(StoreError, ValueError):
 
 class SynthError(RadgroundError):
     """The synthetic drop generator was asked for something it cannot produce."""
+
+
+class DeidError(RadgroundError):
+    """De-identification cannot proceed safely; messages never carry the PHI values involved."""

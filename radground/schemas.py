@@ -6,9 +6,12 @@ Later stages add the dataset tables here.
 
 from __future__ import annotations
 
+import types
+import typing
 from datetime import date, datetime
 from typing import Literal
 
+import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
 REPORTS_FILE = "reports.csv"
@@ -38,3 +41,97 @@ class DropInfo(BaseModel):
 
     site: str = Field(min_length=1)
     received_at: datetime
+
+
+# --------------------------------------------------------------------------- dataset tables
+# Pixel data travels as raw little-endian bytes with its dtype and shape beside it, so a
+# row is self-describing and Parquet's compression works on the bytes.
+
+Modality = Literal["CT", "MR"]
+
+
+class ImageRecord(BaseModel):
+    """One 2D slice of the images table: pseudonymous ids, geometry, pixels, provenance."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image_id: str = Field(description="De-identified SOP Instance UID (2.25.…).")
+    patient_pseudonym: str
+    study_uid: str = Field(description="De-identified Study Instance UID.")
+    series_uid: str = Field(description="De-identified Series Instance UID.")
+    drop_id: str
+    modality: Modality
+    body_part: str | None
+    study_date: date | None = Field(description="Shifted by the patient's date offset.")
+    slice_index: int = Field(ge=0, description="0-based position in the series, sorted along the normal.")
+    slice_axis: Literal["axial", "coronal", "sagittal", "oblique"]
+    slice_position_mm: float = Field(description="Position along the slice normal (mm).")
+    rows: int = Field(gt=0)
+    cols: int = Field(gt=0)
+    row_spacing_mm: float = Field(gt=0)
+    col_spacing_mm: float = Field(gt=0)
+    slice_thickness_mm: float | None
+    image_position: list[float] = Field(description="ImagePositionPatient (mm, LPS).")
+    image_orientation: list[float] = Field(description="ImageOrientationPatient: row then column cosines.")
+    pixel_dtype: Literal["int16", "uint16"] = Field(description="int16 HU for CT, uint16 raw for MR.")
+    pixels: bytes = Field(description="rows*cols little-endian values, C order (row-major).")
+    has_report: bool = Field(description="False for image-only records of a study without a report.")
+    source_sha256: str = Field(description="sha256 of the raw DICOM file as delivered.")
+
+
+class ReportRecord(BaseModel):
+    """One scrubbed report of the reports table."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    study_uid: str
+    patient_pseudonym: str
+    drop_id: str
+    language: Literal["de", "en"]
+    text: str = Field(description="Report text with PHI removed and dates shifted.")
+    redactions: int = Field(ge=0, description="How many spans were scrubbed.")
+
+
+QuarantineStage = Literal["ingest", "deid", "curate", "segment", "ground", "quality", "version"]
+
+
+class QuarantineRecord(BaseModel):
+    """Something that was not accepted, and why. Never a path, name or other PHI."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    drop_id: str
+    stage: QuarantineStage
+    item: Literal["file", "report", "study", "series", "row"]
+    reason: str = Field(description="Stable machine-readable code, e.g. 'no_pixel_data'.")
+    detail: str = Field(description="Human-readable explanation without PHI.")
+    source_sha256: str | None = Field(description="sha256 of the rejected file or report row.")
+    ref: str | None = Field(default=None, description="Pseudonymous reference (series/study uid) if known.")
+
+
+def arrow_schema(model: type[BaseModel]) -> pa.Schema:
+    """The pyarrow schema of a record model: the writer's, reader's and checks' one source."""
+    scalar = {str: pa.string(), int: pa.int64(), float: pa.float64(), bool: pa.bool_(), bytes: pa.binary(),
+              date: pa.date32(), datetime: pa.timestamp("us", tz="UTC")}
+
+    def convert(annotation) -> tuple[pa.DataType, bool]:
+        origin = typing.get_origin(annotation)
+        args = typing.get_args(annotation)
+        if origin in (typing.Union, types.UnionType):
+            inner = [a for a in args if a is not type(None)]
+            kind, _ = convert(inner[0])
+            return kind, True
+        if origin is typing.Literal:
+            return scalar[type(args[0])], False
+        if origin is list:
+            kind, _ = convert(args[0])
+            return pa.list_(kind), False
+        if annotation in scalar:
+            return scalar[annotation], False
+        raise TypeError(f"{model.__name__}: no Arrow type for {annotation!r}")
+
+    fields = []
+    for name, info in model.model_fields.items():
+        kind, nullable = convert(info.annotation)
+        fields.append(pa.field(name, kind, nullable=nullable))
+    return pa.schema(fields)

@@ -109,6 +109,34 @@ class DeidSettings(_Group):
         return value
 
 
+class IngestSettings(_Group):
+    """What ingest accepts from a drop, and how it batches the work."""
+
+    slice_axes: list[Literal["axial", "coronal", "sagittal", "oblique"]] = Field(
+        default=["axial"], min_length=1, description="Series of other orientations are quarantined."
+    )
+    orphan_studies_image_only: bool = Field(
+        default=False,
+        description="A study without a report is quarantined as an orphan; true keeps its slices "
+        "as image-only records (has_report = false).",
+    )
+    scan_batch_files: int = Field(default=64, ge=1, description="Files per header-scan task.")
+
+
+class RaySettings(_Group):
+    """Where the work runs: a local Ray started in-process (default) or an existing cluster."""
+
+    address: str | None = Field(default=None, description="e.g. ray://head:10001; unset = local Ray.")
+    num_cpus: int = Field(default=2, ge=1, description="CPUs of the local Ray (ignored with address).")
+
+
+class PrefectSettings(_Group):
+    """Prefect's API: an existing server, or one radground starts on 127.0.0.1 for the run."""
+
+    api_url: str | None = Field(default=None, description="e.g. http://prefect:4200/api; unset = embedded.")
+    server_start_timeout_s: float = Field(default=90.0, gt=0)
+
+
 class Settings(BaseSettings):
     """All of radground's configuration. Build it with :func:`load_settings`."""
 
@@ -127,6 +155,9 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     storage: StorageSettings = StorageSettings()
     deid: DeidSettings = DeidSettings()
+    ingest: IngestSettings = IngestSettings()
+    ray: RaySettings = RaySettings()
+    prefect: PrefectSettings = PrefectSettings()
 
     @classmethod
     def settings_customise_sources(

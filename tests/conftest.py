@@ -138,3 +138,17 @@ def make_s3_settings(tmp_path: Path, clean_env: None) -> Callable[..., Settings]
         return load_settings(data_dir=tmp_path, storage=values)
 
     return build
+
+
+@pytest.fixture(scope="session")
+def pydicom_files_on_disk() -> list[Path]:
+    """pydicom's bundled test files plus pydicom-data's, globbed from disk.
+
+    pydicom.data.get_testdata_files would try to download whatever is missing, and this
+    machine is offline: so the files are found on disk instead.
+    """
+    import data_store  # the pydicom-data package
+    import pydicom.data
+
+    folders = [Path(pydicom.data.__file__).parent / "test_files", Path(data_store.__file__).parent / "data"]
+    return sorted(p for folder in folders for p in folder.rglob("*") if p.is_file() and p.suffix != ".py")

@@ -21,7 +21,7 @@ def test_help_lists_the_commands():
         assert command in result.stdout
 
 
-@pytest.mark.parametrize("command", ["synth", "version", "demo", "config"])
+@pytest.mark.parametrize("command", ["synth", "version", "demo", "config", "rebuild"])
 def test_every_command_has_help(command):
     result = run_cli(command, "--help")
     assert result.returncode == 0 and "Usage" in result.stdout
@@ -72,8 +72,12 @@ def test_synth_writes_a_drop_and_summary(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 def test_demo_writes_under_data_dir(tmp_path):
     result = run_cli("demo", "--patients", "2", env={"RADGROUND_DATA_DIR": str(tmp_path / "data")})
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "data" / "drops" / "demo" / "reports.csv").is_file()
+    flat = result.stdout.replace("\n", " ")
     assert str(tmp_path / "data" / "drops" / "demo") in result.stdout.replace("\n", "")
+    assert "slices +" in flat and "quarantined" in flat  # the rebuild's summary line
+    assert list((tmp_path / "data" / "store" / "ingest").glob("*/images/*.parquet"))

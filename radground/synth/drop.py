@@ -475,10 +475,11 @@ def _plant_bad_inputs(writer: _DropWriter) -> None:
         sop_uid = writer.uid("bad", kind, target["series_uid"])
         position = (*target["_position"][:2], target["_next_z"])
         if kind == "truncated":
-            pixels = np.zeros((series.rows, series.cols), dtype=np.int16)
+            # A ramp, not zeros: compressed syntaxes must not shrink the pixel data to nothing.
+            pixels = (np.arange(series.rows * series.cols) % 1500).reshape(series.rows, series.cols)
             ds = image_dataset(target["_patient"], target["_study"], series, sop_uid=sop_uid,
                                instance=instance, position=position, pixels=pixels)
-            reason = "file ends inside the pixel data (cut at 60% of its length)"
+            reason = "file ends inside the pixel data (cut half-way into it)"
         else:
             ds = image_dataset(target["_patient"], target["_study"], series, sop_uid=sop_uid,
                                instance=instance, position=position, pixels=None)
@@ -488,7 +489,8 @@ def _plant_bad_inputs(writer: _DropWriter) -> None:
         write_dataset(ds, writer.out / path)
         if kind == "truncated":
             blob = (writer.out / path).read_bytes()
-            (writer.out / path).write_bytes(blob[: int(len(blob) * 0.6)])
+            cut = len(blob) - len(ds.PixelData) // 2  # half-way into the pixel data
+            (writer.out / path).write_bytes(blob[:cut])
         writer.truth.bad_files.append({"path": path, "kind": kind, "reason": reason,
                                        "series_uid": target["series_uid"], "sop_uid": sop_uid})
     log_text = "PACS export log\nexport finished with 0 errors\n"

@@ -1,0 +1,1 @@
+"""Prefect flows: compose tasks only (see ARCHITECTURE.md)."""

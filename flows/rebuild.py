@@ -1,0 +1,88 @@
+"""The rebuild_dataset flow: wires the stage tasks; the work lives in tasks/.
+
+One task per file batch (header scan) and one per series (decode, de-identify,
+extract); per-slice work is vectorised inside the task. Tasks retry transient
+failures only (storage or network hiccups), never bad data: bad data is quarantined
+by the task itself. Results are not persisted and inputs are not cached by Prefect,
+so no PHI in memory ever reaches Prefect's database.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import as_completed
+from prefect_ray import RayTaskRunner
+
+from radground.errors import StoreAuthError, StoreError
+from radground.runtime import prefect_api, ray_init_kwargs, report_progress
+from radground.settings import Settings
+from tasks import discover, ingest
+
+_RETRY_DELAYS = [2, 8, 30]
+
+
+def _transient_only(task_, task_run, state) -> bool:
+    """Retry storage/network failures; a bug or bad input fails at once."""
+    try:
+        state.result(raise_on_failure=True)
+    except StoreAuthError:
+        return False
+    except (StoreError, ConnectionError, TimeoutError):
+        return True
+    except Exception:  # noqa: BLE001 - everything else is not transient
+        return False
+    return False
+
+
+def _stage_task(fn, name: str):
+    return task(fn, name=name, retries=len(_RETRY_DELAYS), retry_delay_seconds=_RETRY_DELAYS,
+                retry_condition_fn=_transient_only, cache_policy=NO_CACHE, persist_result=False)
+
+
+scan_task = _stage_task(discover.scan_files, "scan")
+ingest_series_task = _stage_task(ingest.ingest_series, "ingest-series")
+ingest_reports_task = _stage_task(ingest.ingest_reports, "ingest-reports")
+
+
+@flow(name="rebuild_dataset", validate_parameters=False, log_prints=False)
+def rebuild_dataset(drops: list[str], settings: Settings) -> list[ingest.IngestSummary]:
+    """Ingest each drop: scan headers, plan, extract series in parallel, scrub reports."""
+    logger = get_run_logger()
+    summaries = []
+    for location in drops:
+        started = time.perf_counter()
+        reader = discover.DropReader(location, settings)
+        paths = reader.list_files()
+        batches = list(discover.batched(paths, settings.ingest.scan_batch_files))
+        scanned = [item for future in scan_task.map(reader, batches) for item in future.result()]
+        info = discover.read_drop_info(reader)
+        drop_id = discover.drop_id_for(info, [s.sha256 for s in scanned])
+        reports, bad_reports = discover.read_reports(reader, drop_id)
+        plan = discover.plan_drop(drop_id, scanned, reports, bad_reports, settings)
+        logger.info("discover %s: %d files, %d series planned, %d quarantined so far", drop_id, plan.files_in,
+                    len(plan.series), plan.files_quarantined)
+
+        futures = [ingest_series_task.submit(location, series, settings) for series in plan.series]
+        reports_future = ingest_reports_task.submit(plan.reports, drop_id, settings)
+        outcomes = []
+        report_progress("ingest", 0, len(futures))
+        for future in as_completed(futures):
+            outcomes.append(future.result())
+            report_progress("ingest", len(outcomes), len(futures))
+        summary = ingest.finish_ingest(plan, outcomes, reports_future.result(), settings)
+        logger.info("%s, %.1f s", summary.line(), time.perf_counter() - started)
+        summaries.append(summary)
+    return summaries
+
+
+def run_rebuild(drops: Sequence[str], settings: Settings) -> list[ingest.IngestSummary]:
+    """Run the flow on the configured runtime (embedded Prefect API + local Ray by default)."""
+    for location in drops:
+        discover.DropReader(location, settings)  # reject a missing drop before anything starts
+    with prefect_api(settings) as env:
+        runner = RayTaskRunner(address=settings.ray.address, init_kwargs=ray_init_kwargs(settings, env))
+        return rebuild_dataset.with_options(task_runner=runner)(list(drops), settings)

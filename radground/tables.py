@@ -1,0 +1,51 @@
+"""Read and write record tables as Parquet through the object store.
+
+Every table has one record model in radground.schemas; its Arrow schema is derived
+from that model, so writer and reader cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterable, Sequence
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import BaseModel
+
+from radground.schemas import arrow_schema
+from radground.store import ObjectStore
+
+
+def to_arrow(records: Iterable[BaseModel | dict], model: type[BaseModel]) -> pa.Table:
+    """Validate records against their model and build an Arrow table with the model's schema."""
+    schema = arrow_schema(model)
+    rows = [model.model_validate(r).model_dump() if isinstance(r, dict) else r.model_dump() for r in records]
+    columns = {name: [row[name] for row in rows] for name in schema.names}
+    return pa.Table.from_pydict(columns, schema=schema)
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    sink = io.BytesIO()
+    # zstd: pixel bytes of CT compress well; deterministic output for equal input.
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue()
+
+
+def write_table(store: ObjectStore, key: str, records: Sequence[BaseModel | dict], model: type[BaseModel]) -> int:
+    """Write records as one Parquet object (atomically); returns the row count."""
+    table = to_arrow(records, model)
+    store.put(key, parquet_bytes(table))
+    return table.num_rows
+
+
+def read_table(store: ObjectStore, key: str) -> pa.Table:
+    return pq.read_table(io.BytesIO(store.get(key)))
+
+
+def read_tables(store: ObjectStore, keys: Sequence[str], model: type[BaseModel]) -> pa.Table:
+    """Concatenate several Parquet objects of one table (an empty table if there are none)."""
+    tables = [read_table(store, key) for key in keys]
+    if not tables:
+        return arrow_schema(model).empty_table()
+    return pa.concat_tables(tables)

@@ -1,0 +1,1 @@
+"""Units of work: plain functions first, Prefect tasks second (see ARCHITECTURE.md)."""

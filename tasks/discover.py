@@ -1,0 +1,443 @@
+"""Discover a drop: read every file's header, reject the unusable, group series, join reports.
+
+Plain functions over paths and records; the flow fans ``scan_files`` out in batches
+and runs ``plan_drop`` once. Header values that identify people stay in memory (the
+``FileHeader``/``StudyPHI`` objects) and are only ever used to de-identify and scrub;
+quarantine rows carry a file's sha256, never its path or name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import io
+import warnings
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import yaml
+from pydantic import ValidationError
+from pydicom.errors import InvalidDicomError
+
+from radground.errors import RadgroundError
+from radground.schemas import DROP_INFO_FILE, REPORTS_FILE, DropInfo, DropReportRow, QuarantineRecord
+from radground.settings import Settings
+from radground.store import open_store
+from tasks.deid import load_key, pseudonym_uid
+
+STORE_SCHEME = "store:"
+SUPPORTED_MODALITIES = ("CT", "MR")
+_GEOMETRY_TOLERANCE = 1e-3  # direction cosines / mm
+
+
+class DropError(RadgroundError):
+    """A drop cannot be read at all (missing folder, unreadable reports.csv, ...)."""
+
+
+@contextlib.contextmanager
+def quiet_dicom() -> Iterator[None]:
+    """Silence pydicom's value validation: its warnings and log lines quote element values,
+    which can be PHI, and nothing that carries PHI may reach a log."""
+    settings = pydicom.config.settings
+    saved = (settings.reading_validation_mode, settings.writing_validation_mode)
+    settings.reading_validation_mode = settings.writing_validation_mode = pydicom.config.IGNORE
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        settings.reading_validation_mode, settings.writing_validation_mode = saved
+
+
+# ----------------------------------------------------------------------------- reading a drop
+class DropReader:
+    """Lists and reads the files of a drop: a local folder, or ``store:PREFIX`` in the object store."""
+
+    def __init__(self, location: str, settings: Settings) -> None:
+        self.location = location
+        self._settings = settings
+        if location.startswith(STORE_SCHEME):
+            self._prefix = location[len(STORE_SCHEME):].strip("/") + "/"
+            self._root = None
+        else:
+            self._root = Path(location)
+            if not self._root.is_dir():
+                raise DropError(f"drop {location}: no such folder. Pass a drop folder or store:PREFIX.")
+
+    def list_files(self) -> list[str]:
+        """Relative paths of every file in the drop, sorted."""
+        if self._root is not None:
+            return sorted(p.relative_to(self._root).as_posix() for p in self._root.rglob("*") if p.is_file())
+        store = open_store(self._settings)
+        return [key[len(self._prefix):] for key in store.list(self._prefix)]
+
+    def read(self, relative: str) -> bytes:
+        if self._root is not None:
+            return (self._root / relative).read_bytes()
+        return open_store(self._settings).get(self._prefix + relative)
+
+    def exists(self, relative: str) -> bool:
+        if self._root is not None:
+            return (self._root / relative).is_file()
+        return open_store(self._settings).exists(self._prefix + relative)
+
+
+# ----------------------------------------------------------------------------- per-file headers
+@dataclass(frozen=True)
+class FileHeader:
+    """What discovery needs from one DICOM file. Holds PHI: in memory only, never persisted."""
+
+    path: str
+    sha256: str
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    accession: str
+    patient_id: str
+    issuer: str
+    modality: str
+    image_type: tuple[str, ...]
+    burned_in: str
+    orientation: tuple[float, ...] | None
+    position: tuple[float, ...] | None
+    spacing: tuple[float, ...] | None
+    rows: int
+    cols: int
+    has_pixels: bool
+    person_names: tuple[str, ...]
+    identifiers: tuple[str, ...]
+    other_phi: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """A file discovery cannot use, with a reason code and a PHI-free explanation."""
+
+    sha256: str
+    reason: str
+    detail: str
+
+
+_ID_KEYWORDS = ("PatientID", "OtherPatientIDs", "AccessionNumber", "StudyID", "IssuerOfPatientID")
+_OTHER_KEYWORDS = ("InstitutionName", "InstitutionAddress", "PatientAddress", "StationName",
+                   "InstitutionalDepartmentName")
+
+
+def scan_files(reader: DropReader, paths: Sequence[str]) -> list[FileHeader | Rejection]:
+    """Read the header of each file; a file that cannot be used becomes a Rejection."""
+    with quiet_dicom():  # the header values read below are used in memory only
+        return [_scan_one(path, reader.read(path)) for path in paths
+                if Path(path).name not in (REPORTS_FILE, DROP_INFO_FILE)]
+
+
+def _scan_one(path: str, data: bytes) -> FileHeader | Rejection:
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        with quiet_dicom(), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")  # recorded, never shown: they may quote PHI
+            ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=False, defer_size=1024)
+    except InvalidDicomError:
+        return Rejection(digest, "not_dicom", "not a DICOM file (no DICM preamble or readable dataset)")
+    except Exception as exc:  # noqa: BLE001 - any parse failure means the file is unreadable
+        return Rejection(digest, "unreadable", f"DICOM header cannot be parsed ({type(exc).__name__})")
+    if any("end of file" in str(w.message).lower() for w in caught):
+        return Rejection(digest, "truncated", "file ends before its data set does; re-export it")
+    if "SOPClassUID" not in ds or "SOPInstanceUID" not in ds:
+        return Rejection(digest, "not_an_image", "DICOM file without SOP Class/Instance UID (e.g. DICOMDIR)")
+    modality = str(ds.get("Modality", "")).upper()
+    return FileHeader(
+        path=path,
+        sha256=digest,
+        study_uid=str(ds.get("StudyInstanceUID", "")),
+        series_uid=str(ds.get("SeriesInstanceUID", "")),
+        sop_uid=str(ds.SOPInstanceUID),
+        accession=str(ds.get("AccessionNumber", "") or ""),
+        patient_id=str(ds.get("PatientID", "") or ""),
+        issuer=str(ds.get("IssuerOfPatientID", "") or ""),
+        modality=modality,
+        image_type=tuple(str(v).upper() for v in _as_list(ds.get("ImageType", []))),
+        burned_in=str(ds.get("BurnedInAnnotation", "") or "").upper(),
+        orientation=_floats(ds.get("ImageOrientationPatient"), 6),
+        position=_floats(ds.get("ImagePositionPatient"), 3),
+        spacing=_floats(ds.get("PixelSpacing"), 2),
+        rows=int(ds.get("Rows", 0) or 0),
+        cols=int(ds.get("Columns", 0) or 0),
+        has_pixels=any(tag in ds for tag in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")),
+        person_names=tuple(sorted({str(e.value) for e in ds.iterall() if e.VR == "PN" and e.value})),
+        identifiers=tuple(sorted({str(v) for k in _ID_KEYWORDS for v in _as_list(ds.get(k)) if v})),
+        other_phi=tuple(sorted({str(v) for k in _OTHER_KEYWORDS for v in _as_list(ds.get(k)) if v})),
+    )
+
+
+def _as_list(value) -> list:
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
+        return list(value)
+    return [value]
+
+
+def _floats(value, count: int) -> tuple[float, ...] | None:
+    try:
+        numbers = tuple(float(v) for v in _as_list(value))
+    except (TypeError, ValueError):
+        return None
+    return numbers if len(numbers) == count else None
+
+
+# ----------------------------------------------------------------------------- reports.csv
+@dataclass(frozen=True)
+class ReportRow:
+    """A validated row of reports.csv plus its sha256 (for quarantine rows)."""
+
+    row: DropReportRow
+    sha256: str
+
+
+def read_reports(reader: DropReader, drop_id: str) -> tuple[list[ReportRow], list[QuarantineRecord]]:
+    """Parse and validate reports.csv; invalid rows are quarantined, a missing file is an error."""
+    if not reader.exists(REPORTS_FILE):
+        raise DropError(f"drop {reader.location}: no {REPORTS_FILE} at its top. Every drop carries one "
+                        "(see README, 'The drop format'); an empty table with the header row is allowed.")
+    text = reader.read(REPORTS_FILE).decode("utf-8-sig")
+    table = csv.DictReader(io.StringIO(text, newline=""))
+    expected = list(DropReportRow.model_fields)
+    if table.fieldnames is None or sorted(table.fieldnames) != sorted(expected):
+        raise DropError(f"drop {reader.location}: {REPORTS_FILE} has columns {table.fieldnames}; expected "
+                        f"{expected}. Fix the header row.")
+    rows, rejected = [], []
+    for raw in table:
+        digest = hashlib.sha256("\x1f".join(raw.get(k) or "" for k in expected).encode()).hexdigest()
+        try:
+            rows.append(ReportRow(DropReportRow.model_validate(raw), digest))
+        except ValidationError as exc:
+            fields = sorted({str(err["loc"][0]) for err in exc.errors() if err["loc"]})
+            rejected.append(QuarantineRecord(drop_id=drop_id, stage="ingest", item="report",
+                                             reason="invalid_report_row", source_sha256=digest,
+                                             detail=f"reports.csv row invalid in column(s) {', '.join(fields)}"))
+    return rows, rejected
+
+
+def read_drop_info(reader: DropReader) -> DropInfo | None:
+    if not reader.exists(DROP_INFO_FILE):
+        return None
+    try:
+        return DropInfo.model_validate(yaml.safe_load(reader.read(DROP_INFO_FILE)))
+    except (ValidationError, yaml.YAMLError) as exc:
+        raise DropError(f"drop {reader.location}: {DROP_INFO_FILE} is invalid ({exc.__class__.__name__}); "
+                        "expected keys site and received_at.") from None
+
+
+def drop_id_for(info: DropInfo | None, file_hashes: Sequence[str]) -> str:
+    """Content-derived drop id: same files, same id; carries no path or name."""
+    digest = hashlib.sha256("".join(sorted(file_hashes)).encode()).hexdigest()[:12]
+    site = info.site if info is not None else "drop"
+    return f"{site}-{digest}"
+
+
+# ----------------------------------------------------------------------------- planning
+@dataclass(frozen=True)
+class SeriesPlan:
+    """One accepted series: its files sorted along the slice normal. Holds PHI in memory."""
+
+    drop_id: str
+    series_uid: str
+    study_uid: str
+    modality: str
+    axis: str
+    files: tuple[tuple[str, str], ...]  # (path, sha256), in slice order
+    positions: tuple[float, ...]
+    has_report: bool
+
+
+@dataclass(frozen=True)
+class StudyPHI:
+    """Everything identifying known about one study, for scrubbing its report."""
+
+    study_uid: str
+    patient_id: str
+    issuer: str
+    person_names: tuple[str, ...]
+    identifiers: tuple[str, ...]
+    other: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ReportJob:
+    report: ReportRow
+    study: StudyPHI
+
+
+@dataclass
+class DropPlan:
+    drop_id: str
+    files_in: int
+    series: list[SeriesPlan] = field(default_factory=list)
+    reports: list[ReportJob] = field(default_factory=list)
+    reports_in: int = 0
+    quarantine: list[QuarantineRecord] = field(default_factory=list)
+
+    @property
+    def files_quarantined(self) -> int:
+        return sum(1 for q in self.quarantine if q.item == "file")
+
+
+def slice_axis(orientation: Sequence[float]) -> str:
+    """Name the plane from the slice normal (row cosines x column cosines)."""
+    normal = np.cross(orientation[:3], orientation[3:])
+    axis = int(np.argmax(np.abs(normal)))
+    if abs(normal[axis]) < 0.9:  # more than ~25 degrees off every main plane
+        return "oblique"
+    return ("sagittal", "coronal", "axial")[axis]
+
+
+def plan_drop(
+    drop_id: str, scanned: Sequence[FileHeader | Rejection], reports: Sequence[ReportRow],
+    rejected_reports: Sequence[QuarantineRecord], settings: Settings,
+) -> DropPlan:
+    """Apply every file- and series-level rule; join reports to studies by accession."""
+    plan = DropPlan(drop_id=drop_id, files_in=len(scanned), reports_in=len(reports) + len(rejected_reports))
+    plan.quarantine.extend(rejected_reports)
+
+    def reject_file(sha: str, reason: str, detail: str) -> None:
+        plan.quarantine.append(QuarantineRecord(drop_id=drop_id, stage="ingest", item="file", reason=reason,
+                                                detail=detail, source_sha256=sha))
+
+    headers: list[FileHeader] = []
+    for item in scanned:
+        if isinstance(item, Rejection):
+            reject_file(item.sha256, item.reason, item.detail)
+            continue
+        problem = _file_problem(item, settings)
+        if problem:
+            reject_file(item.sha256, *problem)
+        else:
+            headers.append(item)
+
+    by_series: dict[tuple[str, str], list[FileHeader]] = defaultdict(list)
+    for header in headers:
+        by_series[(header.study_uid, header.series_uid)].append(header)
+
+    studies = _study_phi(headers)
+    accession_to_study = {h.accession: h.study_uid for h in headers if h.accession}
+    reported_studies: set[str] = set()
+    for report in reports:
+        study_uid = accession_to_study.get(report.row.accession_number)
+        if study_uid is None:
+            plan.quarantine.append(QuarantineRecord(
+                drop_id=drop_id, stage="ingest", item="report", reason="orphan_report",
+                source_sha256=report.sha256, detail="report accession matches no study in this drop"))
+            continue
+        reported_studies.add(study_uid)
+        plan.reports.append(ReportJob(report, studies[study_uid]))
+
+    image_only = settings.ingest.orphan_studies_image_only
+    key = load_key(settings)
+    for study_uid in sorted(set(studies) - reported_studies):
+        plan.quarantine.append(QuarantineRecord(
+            drop_id=drop_id, stage="ingest", item="study", reason="orphan_study", source_sha256=None,
+            ref=pseudonym_uid(key, study_uid),
+            detail="study has no report" + ("; kept as image-only records" if image_only else "")))
+
+    for (study_uid, _), files in sorted(by_series.items()):
+        has_report = study_uid in reported_studies
+        if not has_report and not image_only:
+            for header in files:
+                reject_file(header.sha256, "orphan_study",
+                            "the file's study has no report (set ingest.orphan_studies_image_only=true to keep)")
+            continue
+        series_plan, rejected = _plan_series(drop_id, files, has_report, settings)
+        for sha, reason, detail in rejected:
+            reject_file(sha, reason, detail)
+        if series_plan is not None:
+            plan.series.append(series_plan)
+    return plan
+
+
+def _file_problem(header: FileHeader, settings: Settings) -> tuple[str, str] | None:
+    if header.modality not in SUPPORTED_MODALITIES:
+        return "unsupported_modality", f"modality {header.modality or 'missing'}; only CT and MR are used"
+    if not header.has_pixels:
+        return "no_pixel_data", "image instance without PixelData"
+    if header.burned_in == "YES":
+        return "burned_in_annotation", "BurnedInAnnotation is YES: pixels may show PHI"
+    if "LOCALIZER" in header.image_type:
+        return "localizer", "localizer/scout image (ImageType LOCALIZER)"
+    if header.image_type[:1] == ("DERIVED",) or "SECONDARY" in header.image_type[1:2]:
+        return "derived_image", "derived or secondary image (ImageType)"
+    if not header.study_uid or not header.series_uid:
+        return "missing_uid", "Study or Series Instance UID missing"
+    if not header.patient_id:
+        return "missing_patient_id", "PatientID missing: no pseudonym can be assigned"
+    if header.orientation is None or header.position is None or header.spacing is None:
+        return "missing_geometry", "ImageOrientationPatient, ImagePositionPatient or PixelSpacing missing"
+    if header.rows <= 0 or header.cols <= 0:
+        return "missing_geometry", "Rows/Columns missing"
+    axis = slice_axis(header.orientation)
+    if axis not in settings.ingest.slice_axes:
+        return "excluded_orientation", f"{axis} slice; ingest.slice_axes keeps {settings.ingest.slice_axes}"
+    return None
+
+
+def _plan_series(
+    drop_id: str, files: list[FileHeader], has_report: bool, settings: Settings,
+) -> tuple[SeriesPlan | None, list[tuple[str, str, str]]]:
+    rejected: list[tuple[str, str, str]] = []
+    first = files[0]
+    consistent = all(
+        (h.rows, h.cols) == (first.rows, first.cols)
+        and np.allclose(h.orientation, first.orientation, atol=_GEOMETRY_TOLERANCE)
+        and np.allclose(h.spacing, first.spacing, atol=_GEOMETRY_TOLERANCE)
+        for h in files
+    )
+    if not consistent:
+        detail = f"series mixes sizes, orientations or pixel spacings across its {len(files)} files"
+        return None, [(h.sha256, "inconsistent_geometry", detail) for h in files]
+    normal = np.cross(first.orientation[:3], first.orientation[3:])
+    ordered = sorted(files, key=lambda h: (float(np.dot(normal, h.position)), h.sop_uid))
+    kept: list[FileHeader] = []
+    seen_positions: list[float] = []
+    seen_sops: set[str] = set()
+    for header in ordered:
+        position = float(np.dot(normal, header.position))
+        if header.sop_uid in seen_sops:
+            rejected.append((header.sha256, "duplicate_instance", "same SOP Instance UID delivered twice"))
+        elif seen_positions and abs(position - seen_positions[-1]) < _GEOMETRY_TOLERANCE:
+            rejected.append((header.sha256, "duplicate_position", "another slice of the series has this position"))
+        else:
+            kept.append(header)
+            seen_positions.append(position)
+            seen_sops.add(header.sop_uid)
+    plan = SeriesPlan(
+        drop_id=drop_id, series_uid=first.series_uid, study_uid=first.study_uid, modality=first.modality,
+        axis=slice_axis(first.orientation), files=tuple((h.path, h.sha256) for h in kept),
+        positions=tuple(seen_positions), has_report=has_report,
+    )
+    return plan, rejected
+
+
+def _study_phi(headers: Sequence[FileHeader]) -> dict[str, StudyPHI]:
+    names: dict[str, set[str]] = defaultdict(set)
+    ids: dict[str, set[str]] = defaultdict(set)
+    other: dict[str, set[str]] = defaultdict(set)
+    patient: dict[str, tuple[str, str]] = {}
+    for h in headers:
+        names[h.study_uid].update(h.person_names)
+        ids[h.study_uid].update(h.identifiers)
+        other[h.study_uid].update(h.other_phi)
+        patient.setdefault(h.study_uid, (h.patient_id, h.issuer))
+    return {
+        uid: StudyPHI(uid, patient[uid][0], patient[uid][1], tuple(sorted(names[uid])), tuple(sorted(ids[uid])),
+                      tuple(sorted(other[uid])))
+        for uid in patient
+    }
+
+
+def batched(items: Sequence[str], size: int) -> Iterator[list[str]]:
+    for start in range(0, len(items), size):
+        yield list(items[start:start + size])

@@ -1,0 +1,360 @@
+"""Remove PHI from one free-text radiology report (German or English); a pure function, no I/O.
+
+Values from the study's DICOM headers are removed in every spelling a report uses; people who
+are not in the headers (signing radiologist, referring physician) are found by the titles,
+labels and suffixes that introduce them; dates are shifted per patient or masked; phones,
+e-mails and long ID-like digit runs go by pattern. Everything else stays byte for byte, so
+"2,2 x 1,8 cm", "LWK 5", "Segment IVa" and "Bild 45/120" survive.
+
+Decisions: month-year dates ("03/2024", "Februar 2024") count as dates (a month pins an event);
+they are shifted via the 15th of the month. Yearless "03.02." is shifted in the leap year 2000,
+so 29.02. parses. Years alone and clock times ("14:30") stay: neither identifies anyone once
+the day is shifted. Compact "20240203" falls to the digit-run rule and becomes [ID].
+Ambiguous slash dates are read day-first unless the report itself shows month-first.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import date, timedelta
+
+from radground.errors import DeidError
+
+LANGUAGES = ("de", "en")
+PLACEHOLDERS = {"name": "[NAME]", "id": "[ID]", "date": "[DATE]", "phone": "[PHONE]",
+                "email": "[EMAIL]", "other": "[REDACTED]"}
+
+
+@dataclass(frozen=True)
+class KnownPHI:
+    """PHI values taken from the same study's DICOM headers (and the reports.csv row)."""
+
+    person_names: tuple[str, ...] = ()  # DICOM PN "MÜLLER^HANS", "Müller^Hans^^Dr." or "Hans Müller"
+    identifiers: tuple[str, ...] = ()  # patient IDs, other IDs, accession numbers, study IDs
+    other: tuple[str, ...] = ()  # institution name/address, patient address, station name ...
+
+
+@dataclass(frozen=True)
+class Redaction:
+    category: str  # "name" | "id" | "date" | "phone" | "email" | "other"
+    start: int  # offsets of the replacement in the SCRUBBED text
+    end: int
+
+
+@dataclass(frozen=True)
+class ScrubResult:
+    text: str
+    redactions: tuple[Redaction, ...]
+
+
+@dataclass(frozen=True)
+class _Span:
+    start: int  # offsets in the ORIGINAL text
+    end: int
+    category: str
+    replacement: str
+    rank: int  # breaks ties between equally long spans: lower wins
+
+
+# ---- building blocks -------------------------------------------------------------------------
+_L = r"[^\W\d_]"  # one letter, umlauts included
+_NO_LETTER_BEFORE, _NO_LETTER_AFTER = rf"(?<!{_L})", rf"(?!{_L})"
+_UP = "[" + "".join(c for c in map(chr, range(0x41, 0x250)) if c.isupper()) + "]"
+_WORD = rf"{_UP}(?:{_L}|['’-](?={_L}))+"  # Müller, O'Brien, McDonald, Meyer-Lüdenscheidt, SCHMIDT
+_INITIAL = rf"{_UP}\.(?![a-zäöüß]\.)(?:[ \t]?-?{_UP}\.)?"  # "K.", "H.-P."; not "V.a.", "Z.n."
+_PARTICLES = ("von", "van", "de", "der", "den", "zu", "vom", "zum", "da", "di", "del", "le", "la", "ten")
+# Capitalised words that follow a name in signatures but are not names (German capitalises nouns).
+_STOP = (r"(?:Befund|Beurteilung|Radiologie|Radiology|Rückfragen|Tel|Telefon|Phone|Fax|Klinik|Klinikum|"
+         r"Institut|Abteilung|Department|Station|Ihre?|Ihrem|Team|Mit|Und|And|The|Der|Die|Das|MD|FRCR|PhD|"
+         r"DOB|MRN|PID|ID|Date|Datum|Patient|Patientin|Name|Kollegen?|Kollegin|Facharzt|Fachärztin|Oberarzt|"
+         rf"Oberärztin|Assistenzarzt|Assistenzärztin|Chefarzt|Chefärztin){_NO_LETTER_AFTER}")
+_FAMILY = rf"(?:(?:{'|'.join(_PARTICLES)})[ \t]+){{0,2}}{_WORD}"  # "de la Cruz"
+_NAME = (rf"(?!{_STOP})(?:{_WORD}[ \t]+{_INITIAL}[ \t]*{_FAMILY}|(?:{_INITIAL}[ \t]*){{1,2}}{_FAMILY}"
+         rf"|{_WORD},[ \t]*{_INITIAL}|{_WORD}(?:[ \t](?!{_STOP}){_FAMILY})?)")  # "Smith, J.", "Karl Weber"
+# Titles are matched case-sensitively: "ca." is circa, "PD" alone is progressive disease.
+_TITLE = (r"(?:Prof\.|Professor|Dr\.|Doktor|PD(?=[ \t]+Dr)|Priv\.-Doz\.|OA|OÄ|Oberarzt|Oberärztin|Chefarzt|"
+          r"Chefärztin|Facharzt|Fachärztin|Assistenzarzt|Assistenzärztin|Kollegen?|Kollegin|Dipl\.-Med\.|"
+          r"Mrs?\.?|Ms\.?|Miss|Herrn?|Frau|Hr\.|Fr\.)")
+_DEGREE = r"(?:med\.|dent\.|rer\.[ \t]?nat\.|phil\.|univ\.|habil\.|h\.[ \t]?c\.)"
+_TITLES = rf"(?:{_NO_LETTER_BEFORE}{_TITLE}(?:[ \t]+|(?<=\.))(?:{_DEGREE}[ \t]*)*)+"
+_LABEL = (r"(?i:(?:electronically[ \t]+)?signed(?:[ \t]+by)?|(?:reported|dictated|verified|read|approved|seen)"
+          r"[ \t]+by|befundet(?:[ \t]+(?:von|durch))?|(?:freigegeben|vidiert|diktiert)(?:[ \t]+(?:von|durch))?"
+          r"|gez\.|discussed[ \t]+with|(?:besprochen|rücksprache)[ \t]+mit|(?:unterschrift|überweiser(?:in)?"
+          r"|zuweiser(?:in)?|einsender(?:in)?|referring[ \t]+physician|requesting[ \t]+physician|referrer"
+          r"|radiologist|radiologe|radiologin)(?=[ \t]*:))")
+_PERSON_PATTERNS = [re.compile(p) for p in (
+    rf"{_TITLES}(?P<name>{_NAME})",  # "Dr. med. K. Schmidt", "Herr Meier", "OA Dr. J. Schulz"
+    rf"{_NO_LETTER_BEFORE}{_LABEL}[ \t]*:?[ \t]*(?:{_TITLES})?(?P<name>{_NAME})",  # "signed by: ..."
+    rf"{_NO_LETTER_BEFORE}(?P<name>{_NAME})(?=,?[ \t]*(?:MD|M\.D\.|FRCR|FRCP|PhD|MBBS|DO){_NO_LETTER_AFTER})",
+    rf"(?i:grüßen|grüssen|grüße|gruß|regards|sincerely)[,!.]?[ \t]*\n[ \t]*(?:{_TITLES})?(?P<name>{_NAME})",
+)]
+
+_PHONE_LABEL = (r"(?i:(?<![^\W\d_])(?:tel(?:efon)?|phone|fax|durchwahl|dw|pager|piepser|funk|bleep|ext|"
+                r"mobil|mobile|handy)\.?(?:[ \t]*-?[ \t]*nr\.?)?)")
+_PHONES = [  # (pattern, minimum digit count)
+    (re.compile(rf"{_PHONE_LABEL}[ \t]*:?[ \t]*(?P<n>-?\+?[\d(][\d ()/.-]*\d)"), 3),
+    (re.compile(r"(?<![\w+])\+\d{1,3}(?:[ \t./-]?\(0\))?(?:[ \t./-]?\d+)+"), 7),
+    (re.compile(r"(?<![\w.,/])\(?0\d{2,5}\)?(?:[ \t]*[/-][ \t]*|[ \t]+)\d{2,}(?:[ \t-]\d{2,})*(?!\w)"), 7),
+    (re.compile(r"(?<!\w)(?:\(\d{3}\)[ \t]*|\d{3}[.-])\d{3}[ \t.-]\d{4}(?!\w)"), 10),
+]
+_EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
+_ID_RUN = re.compile(r"(?<![\w.,])[A-Za-z]{1,5}[-_/]?\d{6,}(?!\w)|(?<![\d.,])\d{6,}(?!\d)")  # KIS-123456
+_ID_GROUPS = re.compile(r"(?<![\w./-])\d{2,}(?:-\d{2,}){1,3}(?![\w/-]|\.\d)")  # 123-45-678 (>= 7 digits)
+_UID = re.compile(r"(?<![\d.])[12](?:\.\d+){4,}")  # a DICOM UID is an identifier, not a number
+# A short numeric known ID ("4711") must not eat "4711 ml": no unit or decimal part may follow.
+_NOT_MEASURE = r"(?![.,]\d)(?![ \t]*(?:mm|cm|m|ml|l|%|kg|g|mg|HU|ms|s|min|mGy|mSv|Gy|kV|mAs|T)(?!\w))"
+
+# ---- dates -----------------------------------------------------------------------------------
+_MONTHS = {
+    ("de", "full"): "Januar Februar März April Mai Juni Juli August September Oktober November Dezember",
+    ("de", "abbr"): "Jan Feb Mär Apr Mai Jun Jul Aug Sep Okt Nov Dez",
+    ("en", "full"): "January February March April May June July August September October November December",
+    ("en", "abbr"): "Jan Feb Mar Apr May Jun Jul Aug Sep Oct Nov Dec",
+}
+_MONTH_STYLES: dict[str, list[tuple[int, tuple[str, str]]]] = {}  # casefolded name -> [(month, style)]
+for _style, _names in _MONTHS.items():
+    for _number, _name in enumerate(_names.split(), 1):
+        _MONTH_STYLES.setdefault(_name.casefold(), []).append((_number, _style))
+for _alias, _target in (("maerz", "märz"), ("jänner", "januar"), ("sept", "sep"), ("mrz", "mär")):
+    _MONTH_STYLES[_alias] = _MONTH_STYLES[_target]
+_MON = "(?P<mon>(?i:" + "|".join(sorted(_MONTH_STYLES, key=len, reverse=True)) + rf")){_NO_LETTER_AFTER}"
+_D, _M = r"(?P<d>0?[1-9]|[12]\d|3[01])", r"(?P<m>0?[1-9]|1[0-2])"
+_Y, _Y4 = r"(?P<y>(?:19|20)\d{2}|\d{2})", r"(?P<y>(?:19|20)\d{2})"
+_SUF = r"(?P<suf>(?i:st|nd|rd|th))?"
+_DATES = [re.compile(p) for p in (
+    rf"(?<![\w.]){_D}\.[ \t]?{_M}\.[ \t]?{_Y}(?!\w|\.\d)",  # 03.02.2024, 3.2.24
+    r"(?<![\w.])(?P<d>0[1-9]|[12]\d|3[01])\.(?P<m>0[1-9]|1[0-2])\.(?![ \t]?\d|\w)",  # 03.02.
+    rf"(?<![\w.-]){_Y4}(?P<s>[-/]){_M}(?P=s){_D}(?!\w|[-/]\d)",  # 2024-02-03
+    rf"(?<![\w./-])(?P<a>\d{{1,2}})(?P<s>[/-])(?P<b>\d{{1,2}})(?P=s){_Y}(?!\w|[/-]\d)",  # 03/02/2024
+    rf"(?<![\w.]){_D}{_SUF}\.?[ \t-]*(?:of[ \t]+)?{_MON}\.?,?[ \t-]*{_Y}(?!\w)",  # 3. Februar 2024
+    rf"(?<!\w){_MON}\.?[ \t]+{_D}{_SUF},?[ \t]+{_Y}(?!\w)",  # February 3, 2024
+    rf"(?<!\w){_MON}\.?[ \t]+{_Y4}(?!\w)",  # Februar 2024
+    rf"(?<![\w./-]){_M}[/.]{_Y4}(?!\w|[/.]\d)",  # 03/2024, 03.2024
+    rf"(?<![\w.-]){_Y4}-(?P<m>0[1-9]|1[0-2])(?!\w|-\d)",  # 2024-03
+)]
+_SLASH_DATE = _DATES[3]  # day-first or month-first is decided once per report
+
+
+def scrub_report(text: str, known: KnownPHI, *, date_offset_days: int | None, language: str) -> ScrubResult:
+    """Replace every PHI span of ``text`` by a placeholder, or dates by dates shifted per patient."""
+    if language not in LANGUAGES:
+        raise DeidError(f"scrub_report: language {language!r} is not supported; expected one of "
+                        f"{LANGUAGES}. Pass the report's language from reports.csv.")
+    if date_offset_days is not None and (isinstance(date_offset_days, bool)
+                                         or not isinstance(date_offset_days, int)):
+        raise DeidError(f"scrub_report: date_offset_days must be an int or None, got "
+                        f"{type(date_offset_days).__name__}. Pass the patient's shift in days.")
+    spans = [*_known_spans(text, known), *_pattern_spans(text),
+             *_date_spans(text, date_offset_days, language)]
+    out, redactions, pos, length = [], [], 0, 0  # length: of the scrubbed text written so far
+    for span in _resolve(spans):
+        length += span.start - pos
+        out += [text[pos:span.start], span.replacement]
+        redactions.append(Redaction(span.category, length, length + len(span.replacement)))
+        length, pos = length + len(span.replacement), span.end
+    out.append(text[pos:])
+    return ScrubResult("".join(out), tuple(redactions))
+
+
+def _resolve(spans: list[_Span]) -> list[_Span]:
+    """Longest span wins; partial overlaps merge, so no fragment of either survives."""
+    chosen: list[_Span] = []
+    for s in sorted(spans, key=lambda s: (s.start - s.end, s.rank, s.start)):
+        if not any(c.start <= s.start and s.end <= c.end for c in chosen):
+            chosen.append(s)
+    merged: list[_Span] = []
+    for s in sorted(chosen, key=lambda s: s.start):
+        if merged and s.start < merged[-1].end:
+            last = merged[-1]
+            keep = last if last.end - last.start >= s.end - s.start else s
+            merged[-1] = _Span(last.start, max(last.end, s.end), keep.category,
+                               PLACEHOLDERS[keep.category], keep.rank)  # a shifted date cannot stretch
+        else:
+            merged.append(s)
+    return merged
+
+
+def _spans(pattern: re.Pattern, text: str, category: str, rank: int, group: str | int = 0,
+           min_digits: int = 0) -> Iterator[_Span]:
+    for m in pattern.finditer(text):
+        if m.group(group) and sum(ch.isdigit() for ch in m.group(group)) >= min_digits:
+            yield _Span(*m.span(group), category, PLACEHOLDERS[category], rank)
+
+
+# ---- values known from the headers -------------------------------------------------------------
+def _spelling(value: str) -> str:
+    """Regex for ``value`` in the spellings clerks use: Müller ~ MUELLER, Größ ~ GROSS ~ Groess."""
+    s = re.sub(r"[\s-]+", " ", unicodedata.normalize("NFC", value.strip()).casefold())  # ß -> ss
+    out, i = [], 0
+    while i < len(s):
+        c, base, step = s[i], unicodedata.normalize("NFD", s[i])[0], 1
+        if c in "äöü" or (base in "aou" and s[i:i + 2] == base + "e"):
+            # ä = ae (and a + combining diaeresis); never plain "a": "Größ" must not eat "groß".
+            out.append(f"(?:{'äöü'['aou'.index(base)]}|{base}\u0308|{base}e)")
+            step = 1 if c in "äöü" else 2
+        elif s[i:i + 2] == "ss":
+            out.append("(?:ss|ß)")
+            step = 2
+        elif c == " ":
+            out.append(r"[\s-]+")
+        elif c in "'’`´":
+            out.append("['’`´]?")
+        elif c == ".":
+            out.append(r"\.?")
+        else:
+            out.append(f"[{re.escape(c)}{re.escape(base)}]" if base != c else re.escape(c))
+        i += step
+    return "".join(out)
+
+
+def _initial(word: str) -> str:
+    return f"[{re.escape(word[0])}{re.escape(unicodedata.normalize('NFD', word[0])[0])}]"
+
+
+def _name_parts(raw: str) -> tuple[str, list[str]]:
+    """(family, given names) of a DICOM PN "FAMILY^GIVEN^MIDDLE^PREFIX^SUFFIX" or a plain name."""
+    raw = raw.split("=")[0].strip()  # PN groups after "=" are ideographic/phonetic spellings
+    if "^" in raw:
+        parts = raw.split("^") + ["", ""]
+        family, given = parts[0], f"{parts[1]} {parts[2]}"
+    elif "," in raw:
+        family, given = raw.split(",", 1)
+    else:
+        words = raw.split()
+        family, given = (words[-1], " ".join(words[:-1])) if words else ("", "")
+    givens = [g for g in re.split(r"[\s-]+", given.strip()) if len(g) > 1 and not g.endswith(".")]
+    if len(givens) > 1:
+        givens.insert(0, " ".join(givens))  # "Hans Peter" / "Hans-Peter" as one
+    return family.strip(), givens
+
+
+def _known_name_patterns(raw: str) -> list[re.Pattern]:
+    family, givens = _name_parts(raw)
+    if len(family) < 2:
+        return []
+    f = _spelling(family)
+    forms = [rf"{f}\^{_L}*(?:\^[\w.]*)*"]  # DICOM PN written into the report
+    if givens:
+        g = "|".join(_spelling(x) for x in givens)
+        first = rf"(?:{g}|(?:{'|'.join(_initial(x) for x in givens)})\.)"  # "Hans" or "H."
+        forms += [rf"{f}[ \t]*,[ \t]*{first}", rf"{first}[ \t]*(?:{_L}\.[ \t]*)?{f}",
+                  rf"{f}[ \t]+{first}", rf"(?:{g})[ \t]+{_initial(family)}\."]
+    patterns = [re.compile(rf"{_NO_LETTER_BEFORE}(?:{p}){_NO_LETTER_AFTER}", re.IGNORECASE) for p in forms]
+    parts = re.split(r"[\s-]+", family)  # "Meyer-Lüdenscheidt": each part alone is also the name
+    words = [family] + ([w for w in parts if w.casefold() not in _PARTICLES] if len(parts) > 1 else [])
+    for word in (w for w in dict.fromkeys(words) if len(w) >= 2):
+        if len(word) <= 3:  # "Li", "Re" would eat the abbreviations "li." / "re.": match as written only
+            variants = "|".join(re.escape(v) for v in {word, word.upper(), word.capitalize()})
+            patterns.append(re.compile(rf"{_NO_LETTER_BEFORE}(?:{variants}){_NO_LETTER_AFTER}"))
+        else:
+            patterns.append(re.compile(rf"{_NO_LETTER_BEFORE}{_spelling(word)}{_NO_LETTER_AFTER}",
+                                       re.IGNORECASE))
+    return patterns
+
+
+def _known_spans(text: str, known: KnownPHI) -> Iterator[_Span]:
+    for value in known.other:
+        # An address also appears in pieces: "Hauptstraße 12" or "80331 München" alone.
+        for part in dict.fromkeys([value, *re.split(r"\s*[,;\n]\s*", value)]):
+            if len(part.strip()) >= 3:
+                pattern = re.compile(rf"(?<![^\W_]){_spelling(part)}(?![^\W_])", re.IGNORECASE)
+                yield from _spans(pattern, text, "other", 0)
+    for value in (v.strip() for v in known.identifiers):
+        if len(value) < 3:  # "7" or "12" would hit list items and measurements
+            continue
+        stripped = value.lstrip("0")  # "00123456" is also written "123456"
+        forms = {value, stripped} if len(stripped) >= 4 else {value}
+        guard = _NOT_MEASURE if value.isdigit() and len(value) < 6 else ""
+        # A long ID is also written in groups: "9882 8391", "9882-8391".
+        sep = r"[ \t./-]?" if len(value) >= 6 else ""
+        body = "|".join(sep.join(map(re.escape, v)) for v in sorted(forms, key=len, reverse=True))
+        yield from _spans(re.compile(rf"(?<![^\W_])(?<![.,]\d)(?:{body})(?![^\W_]){guard}", re.IGNORECASE),
+                          text, "id", 1)
+    for raw in known.person_names:
+        for pattern in _known_name_patterns(raw):
+            yield from _spans(pattern, text, "name", 5)
+
+
+# ---- PHI found by its shape -----------------------------------------------------------------------
+def _pattern_spans(text: str) -> Iterator[_Span]:
+    yield from _spans(_EMAIL, text, "email", 2)
+    for pattern, min_digits in _PHONES:
+        yield from _spans(pattern, text, "phone", 3, "n" if "n" in pattern.groupindex else 0, min_digits)
+    for pattern in _PERSON_PATTERNS:
+        yield from _spans(pattern, text, "name", 5, "name")
+    yield from _spans(_UID, text, "id", 6)
+    yield from _spans(_ID_RUN, text, "id", 6)
+    yield from _spans(_ID_GROUPS, text, "id", 6, min_digits=7)  # "2024-02-03" is as long; date wins on rank
+
+
+# ---- dates ---------------------------------------------------------------------------------------------
+def _date_spans(text: str, offset: int | None, language: str) -> Iterator[_Span]:
+    # Slash dates: one reading per report, so intervals between its dates stay true.
+    slash = [(int(m["a"]), int(m["b"])) for m in _SLASH_DATE.finditer(text)]
+    day_first = any(a > 12 for a, _ in slash) or not any(b > 12 for _, b in slash)
+    for pattern in _DATES:
+        for m in pattern.finditer(text):
+            fields = _date_fields(m, day_first)
+            if fields is None:
+                continue
+            replacement = "[DATE]" if offset is None else _shift(m, fields, offset, language)
+            yield _Span(*m.span(), "date", replacement, 4)
+
+
+def _date_fields(m: re.Match, day_first: bool) -> dict[str, str] | None:
+    """Group name of each field present: {"d": "a", "m": "b", "y": "y", ...}; None if not a date."""
+    groups = {k for k, v in m.groupdict().items() if v is not None}
+    fields = {k: k for k in groups & {"d", "m", "y", "mon", "suf"}}
+    if "a" in groups:
+        fields["d"], fields["m"] = ("a", "b") if day_first else ("b", "a")
+        if not 1 <= int(m[fields["m"]]) <= 12 or not 1 <= int(m[fields["d"]]) <= 31:
+            return None
+    return fields
+
+
+def _shift(m: re.Match, fields: dict[str, str], offset: int, language: str) -> str:
+    """The date moved by ``offset`` days, written exactly as the original was written."""
+    month_style = None
+    if "mon" in fields:
+        styles = _MONTH_STYLES[m["mon"].casefold()]
+        month = styles[0][0]
+        # "Mai" is German in full, "Jun" is German or English: prefer the report's language.
+        month_style = min((s for _, s in styles), key=lambda s: (s[0] != language, s[1] != "full"))
+    else:
+        month = int(m[fields["m"]])
+    raw_year = m[fields["y"]] if "y" in fields else "2000"  # yearless "03.02.": a leap year
+    year = int(raw_year) if len(raw_year) == 4 else 2000 + int(raw_year) - 100 * (int(raw_year) >= 50)
+    try:
+        shifted = date(year, month, int(m[fields["d"]]) if "d" in fields else 15) + timedelta(days=offset)
+    except (ValueError, OverflowError):  # 31.02.2024 is still somebody's date
+        return PLACEHOLDERS["date"]
+    values = {"d": shifted.day, "m": shifted.month, "y": shifted.year}
+    # "24.12.2025" is a zero-padding style ("03.01.2026"), "24.1.2025" and "24. Dezember" are not.
+    padded = "mon" not in fields and all(len(m[fields[k]]) == 2 for k in ("d", "m") if k in fields)
+    out, pos, text = [], m.start(), m.string
+    for field, group in sorted(fields.items(), key=lambda fg: m.start(fg[1])):
+        start, end = m.span(group)
+        out.append(text[pos:start])
+        raw = m[group]
+        if field == "mon":
+            out.append(_month_name(shifted.month, month_style, raw))
+        elif field == "suf":
+            suffix = "th" if 10 <= shifted.day <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(shifted.day % 10, "th")
+            out.append(suffix.upper() if raw.isupper() else suffix)
+        elif field == "y" and len(raw) == 2:
+            out.append(f"{shifted.year % 100:02d}")
+        else:
+            out.append(str(values[field]).zfill(2 if padded or raw.startswith("0") else 1))
+        pos = end
+    out.append(text[pos:m.end()])
+    return "".join(out)
+
+
+def _month_name(month: int, style: tuple[str, str], raw: str) -> str:
+    name = _MONTHS[style].split()[month - 1]
+    if raw.casefold() == "maerz":  # written without umlaut, so keep it that way
+        name = name.replace("ä", "ae")
+    return name.upper() if raw.isupper() and len(raw) > 1 else name.lower() if raw.islower() else name

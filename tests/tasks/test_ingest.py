@@ -1,0 +1,262 @@
+"""Ingest without Prefect/Ray: discovery rules, quarantine reasons, slice extraction, reports.
+
+The flow itself (Ray, Prefect API, PHI scan of everything written) is tested in
+tests/flows/test_rebuild.py.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from radground.imaging import pixels_from_bytes
+from radground.schemas import DropReportRow
+from radground.settings import load_settings
+from radground.store import open_store
+from radground.synth.drop import generate_drop
+from radground.tables import read_table
+from tasks import discover, ingest
+
+KEY = "k" * 40  # a fixed test key: pseudonyms are reproducible inside a test
+
+
+def run_ingest(location: str, settings) -> tuple[discover.DropPlan, ingest.IngestSummary]:
+    """The flow's steps in one process, in the flow's order."""
+    reader = discover.DropReader(location, settings)
+    scanned = discover.scan_files(reader, reader.list_files())
+    drop_id = discover.drop_id_for(discover.read_drop_info(reader), [s.sha256 for s in scanned])
+    reports, bad = discover.read_reports(reader, drop_id)
+    plan = discover.plan_drop(drop_id, scanned, reports, bad, settings)
+    outcomes = [ingest.ingest_series(location, series, settings) for series in plan.series]
+    summary = ingest.finish_ingest(plan, outcomes, ingest.ingest_reports(plan.reports, drop_id, settings),
+                                   settings)
+    return plan, summary
+
+
+def settings_for(tmp_path: Path, **ingest_options):
+    return load_settings(data_dir=tmp_path / "data", deid={"key": KEY}, ingest=ingest_options)
+
+
+def quarantine_rows(settings, drop_id: str) -> list[dict]:
+    return read_table(open_store(settings), f"ingest/{drop_id}/quarantine.parquet").to_pylist()
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ingest")
+    result = generate_drop(root / "drop", patients=3, seed=4)
+    truth = json.loads(result.truth_path.read_text(encoding="utf-8"))
+    settings = settings_for(root)
+    plan, summary = run_ingest(str(result.drop_dir), settings)
+    return result, truth, settings, plan, summary
+
+
+def _sha(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_counts_reconcile_and_every_bad_input_has_the_truths_reason(synthetic):
+    result, truth, settings, plan, summary = synthetic
+    files = [p for p in result.drop_dir.rglob("*") if p.is_file() and p.name not in ("reports.csv", "drop.yaml")]
+    assert summary.files_in == len(files)
+    assert summary.files_in == summary.slices + summary.files_quarantined
+    rows = quarantine_rows(settings, summary.drop_id)
+    by_sha = {r["source_sha256"]: r["reason"] for r in rows if r["item"] == "file"}
+    for bad in truth["bad_files"]:
+        assert by_sha[_sha(result.drop_dir / bad["path"])] == bad["kind"], bad["kind"]
+    localizers = {s["series_uid"] for s in truth["excluded_series"]}
+    for patient in truth["patients"]:
+        for study in patient["studies"]:
+            for series in study["series"]:
+                if series["series_uid"] in localizers:
+                    assert by_sha[_sha(result.drop_dir / series["files"][0]["path"])] == "localizer"
+
+
+def test_orphans_are_quarantined_with_their_reason(synthetic):
+    result, truth, settings, plan, summary = synthetic
+    rows = quarantine_rows(settings, summary.drop_id)
+    assert sum(r["reason"] == "orphan_report" and r["item"] == "report" for r in rows) == len(truth["orphan_reports"])
+    orphan_studies = [r for r in rows if r["reason"] == "orphan_study" and r["item"] == "study"]
+    assert len(orphan_studies) == len(truth["studies_without_report"])
+    orphan_files = {r["source_sha256"] for r in rows if r["reason"] == "orphan_study" and r["item"] == "file"}
+    for patient in truth["patients"]:
+        for study in patient["studies"]:
+            if study["accession"] in truth["studies_without_report"]:
+                for series in study["series"]:
+                    if series["kind"] == "axial":
+                        assert {_sha(result.drop_dir / f["path"]) for f in series["files"]} <= orphan_files
+
+
+def test_quarantine_rows_carry_no_paths_or_names(synthetic):
+    result, truth, settings, plan, summary = synthetic
+    text = json.dumps(quarantine_rows(settings, summary.drop_id)).casefold()
+    for phi in truth["phi_strings"]:
+        assert phi.casefold() not in text
+    for path in result.drop_dir.rglob("*"):
+        if path.is_file():  # neither the path nor a distinctive file name
+            assert path.relative_to(result.drop_dir).as_posix().casefold() not in text
+            if len(path.name) >= 8:
+                assert path.name.casefold() not in text
+
+
+def test_slices_hold_exactly_the_dicom_hounsfield_values_in_slice_order(synthetic):
+    result, truth, settings, plan, summary = synthetic
+    store = open_store(settings)
+    keys = list(store.list(f"ingest/{summary.drop_id}/images/"))
+    assert len(keys) == summary.series
+    sha_to_path = {_sha(p): p for p in result.drop_dir.rglob("*") if p.is_file()}
+    rows = [row for key in keys for row in read_table(store, key).to_pylist()]
+    assert len(rows) == summary.slices
+    for row in rows[:: max(1, len(rows) // 12)]:
+        ds = pydicom.dcmread(sha_to_path[row["source_sha256"]])
+        expected = ds.pixel_array.astype(np.float64) * float(ds.get("RescaleSlope", 1)) + float(
+            ds.get("RescaleIntercept", 0))
+        got = pixels_from_bytes(row["pixels"], row["pixel_dtype"], row["rows"], row["cols"])
+        assert np.array_equal(got, expected)
+        assert row["pixel_dtype"] == ("int16" if ds.Modality == "CT" else "uint16")
+        assert row["image_orientation"] == [float(v) for v in ds.ImageOrientationPatient]
+    for key in keys:
+        series = read_table(store, key).to_pylist()
+        positions = [r["slice_position_mm"] for r in series]
+        assert [r["slice_index"] for r in series] == list(range(len(series)))
+        assert positions == sorted(positions)
+        assert len({r["series_uid"] for r in series}) == 1 and series[0]["series_uid"].startswith("2.25.")
+
+
+def test_reports_are_scrubbed_and_dates_shift_like_the_images(synthetic):
+    result, truth, settings, plan, summary = synthetic
+    store = open_store(settings)
+    reports = read_table(store, f"ingest/{summary.drop_id}/reports.parquet").to_pylist()
+    assert len(reports) == summary.reports == plan.reports_in - summary.reports_quarantined
+    images = [r for key in store.list(f"ingest/{summary.drop_id}/images/") for r in read_table(store, key).to_pylist()]
+    study_dates = {r["study_uid"]: r["study_date"] for r in images}
+    phi = [p.casefold() for p in truth["phi_strings"]]
+    checked = 0
+    for report in reports:
+        text = report["text"].casefold()
+        assert not [p for p in phi if p in text]
+        day = study_dates.get(report["study_uid"])
+        if day is not None:  # the report names its study date, shifted by the same offset as the images
+            forms = {day.strftime("%d.%m.%Y"), day.isoformat(), day.strftime("%d/%m/%Y"),
+                     f"{day:%B} {day.day}, {day.year}".casefold(), f"{day.day}. "}
+            assert any(form.casefold() in text for form in forms), report["study_uid"]
+            checked += 1
+    assert checked >= 2
+
+
+def test_orphan_studies_can_contribute_image_only_records(tmp_path, synthetic):
+    result, truth, _, _, strict = synthetic
+    settings = settings_for(tmp_path, orphan_studies_image_only=True)
+    _, summary = run_ingest(str(result.drop_dir), settings)
+    assert summary.slices > strict.slices
+    assert summary.files_in == summary.slices + summary.files_quarantined
+    store = open_store(settings)
+    rows = [r for key in store.list(f"ingest/{summary.drop_id}/images/") for r in read_table(store, key).to_pylist()]
+    assert any(not r["has_report"] for r in rows) and any(r["has_report"] for r in rows)
+
+
+def _copy_drop(source: Path, target: Path) -> Path:
+    shutil.copytree(source, target)
+    return target
+
+
+def _first_axial_series(truth) -> list[str]:
+    for patient in truth["patients"]:
+        for study in patient["studies"]:
+            if study["accession"] in truth["studies_without_report"]:
+                continue
+            for series in study["series"]:
+                if series["kind"] == "axial":
+                    return [f["path"] for f in series["files"]]
+    raise AssertionError("no reported axial series")
+
+
+def test_series_rules_geometry_duplicates_burned_in(tmp_path, synthetic):
+    result, truth, _, _, _ = synthetic
+    drop = _copy_drop(result.drop_dir, tmp_path / "drop")
+    paths = _first_axial_series(truth)
+    # One slice of a different size makes the whole series inconsistent.
+    ds = pydicom.dcmread(drop / paths[0])
+    ds.Columns = int(ds.Columns) // 2
+    ds.save_as(drop / paths[0])
+    settings = settings_for(tmp_path)
+    _, summary = run_ingest(str(drop), settings)
+    rows = quarantine_rows(settings, summary.drop_id)
+    assert sum(r["reason"] == "inconsistent_geometry" for r in rows) == len(paths)
+
+    drop2 = _copy_drop(result.drop_dir, tmp_path / "drop2")
+    shutil.copy(drop2 / paths[1], drop2 / "duplicate-copy.dcm")  # same SOP instance delivered twice
+    burned = pydicom.dcmread(drop2 / paths[2])
+    burned.BurnedInAnnotation = "YES"
+    burned.save_as(drop2 / paths[2])
+    settings2 = settings_for(tmp_path / "2")
+    _, summary2 = run_ingest(str(drop2), settings2)
+    reasons = [r["reason"] for r in quarantine_rows(settings2, summary2.drop_id)]
+    assert reasons.count("duplicate_instance") == 1 and reasons.count("burned_in_annotation") == 1
+    assert summary2.files_in == summary2.slices + summary2.files_quarantined
+
+
+def test_invalid_report_rows_are_quarantined_not_fatal(tmp_path, synthetic):
+    result, _, _, _, _ = synthetic
+    drop = _copy_drop(result.drop_dir, tmp_path / "drop")
+    with (drop / "reports.csv").open("a", encoding="utf-8", newline="") as handle:
+        csv.writer(handle).writerow(["A1", "123", "not-a-date", "fr", ""])
+    settings = settings_for(tmp_path)
+    plan, summary = run_ingest(str(drop), settings)
+    rows = quarantine_rows(settings, summary.drop_id)
+    bad = [r for r in rows if r["reason"] == "invalid_report_row"]
+    assert len(bad) == 1 and "language" in bad[0]["detail"] and "study_date" in bad[0]["detail"]
+
+
+def test_missing_reports_table_and_wrong_columns_are_clear_errors(tmp_path):
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    reader = discover.DropReader(str(drop), settings_for(tmp_path))
+    with pytest.raises(discover.DropError, match="no reports.csv at its top"):
+        discover.read_reports(reader, "d")
+    (drop / "reports.csv").write_text("accession,text\n", encoding="utf-8")
+    with pytest.raises(discover.DropError, match="expected .*accession_number"):
+        discover.read_reports(reader, "d")
+    with pytest.raises(discover.DropError, match="no such folder"):
+        discover.DropReader(str(tmp_path / "missing"), settings_for(tmp_path))
+
+
+def test_pydicom_test_files_are_ingested_or_quarantined_never_crash(tmp_path, pydicom_files_on_disk):
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    sources = pydicom_files_on_disk
+    for i, source in enumerate(sources):
+        shutil.copy(source, drop / f"f{i:04d}_{Path(source).name}")
+    (drop / "reports.csv").write_text(",".join(DropReportRow.model_fields) + "\n", encoding="utf-8")
+    settings = settings_for(tmp_path, orphan_studies_image_only=True)
+    plan, summary = run_ingest(str(drop), settings)
+    assert summary.files_in == len(sources)
+    assert summary.files_in == summary.slices + summary.files_quarantined
+    assert summary.slices > 0  # CT_small, MR_small and friends are real axial slices
+    reasons = {r["reason"] for r in quarantine_rows(settings, summary.drop_id) if r["item"] == "file"}
+    assert reasons and all(r and r != "unknown" for r in reasons)
+    assert {"not_dicom", "unsupported_modality"} <= reasons
+
+
+@pytest.mark.integration
+def test_a_drop_inside_the_s3_store_is_ingested_the_same_way(tmp_path, synthetic, s3_server):
+    result, _, _, _, local_summary = synthetic
+    settings = load_settings(data_dir=tmp_path / "data", deid={"key": KEY}, storage={
+        "backend": "s3", "endpoint": s3_server, "bucket": "ingest-s3-drop", "access_key": "testing",
+        "secret_key": "testing", "max_attempts": 2, "backoff_s": 0.01})
+    store = open_store(settings)
+    for path in result.drop_dir.rglob("*"):
+        if path.is_file():
+            store.put_file("drops/site/" + path.relative_to(result.drop_dir).as_posix(), path)
+    _, summary = run_ingest("store:drops/site", settings)
+    assert (summary.drop_id, summary.slices, summary.files_quarantined) == (
+        local_summary.drop_id, local_summary.slices, local_summary.files_quarantined)
+    assert store.exists(f"ingest/{summary.drop_id}/summary.json")
