@@ -13,10 +13,13 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))  # the benchmark modules beside this runner
+
+from ingest import bench_ingest  # noqa: E402
+from synth import bench_synth  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -34,25 +37,7 @@ def _machine() -> dict:
             "processor": platform.processor() or platform.machine()}
 
 
-def bench_synth(patients: int = 20, seed: int = 0) -> dict:
-    """`radground synth OUT --patients 20` end to end, as a user runs it (CLI subprocess)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "radground", "synth"]
-        subprocess.run([*cmd, f"{tmp}/warmup", "--patients", "1", "--seed", "1"], check=True,
-                       capture_output=True)
-        started = time.perf_counter()
-        subprocess.run([*cmd, f"{tmp}/drop", "--patients", str(patients), "--seed", str(seed)], check=True,
-                       capture_output=True)
-        seconds = time.perf_counter() - started
-        files = [p for p in Path(tmp, "drop").rglob("*") if p.is_file()]
-        dicom = [p for p in files if p.suffix.lower() not in (".csv", ".yaml", ".txt", ".jpg")]
-        megabytes = sum(p.stat().st_size for p in files) / 1e6
-    return {"patients": patients, "seconds": round(seconds, 2), "files": len(files),
-            "megabytes": round(megabytes, 1),
-            "slices_per_s": round(len(dicom) / seconds, 1)}
-
-
-BENCHMARKS: dict[str, Callable[[], dict]] = {"synth": bench_synth}
+BENCHMARKS: dict[str, Callable[[], dict]] = {"synth": bench_synth, "ingest": bench_ingest}
 
 
 def main() -> None:

@@ -1,7 +1,8 @@
 """The rebuild_dataset flow: wires the stage tasks; the work lives in tasks/.
 
-One task per file batch (header scan) and one per series (decode, de-identify,
-extract); per-slice work is vectorised inside the task. Tasks retry transient
+Header scans run in file batches and extraction in shards of whole series (a
+series is never split), about ``ingest.tasks_per_cpu`` tasks per CPU each: enough to
+balance two workers, few enough that Prefect's ~0.1 s per task stays small. Tasks retry transient
 failures only (storage or network hiccups), never bad data: bad data is quarantined
 by the task itself. Results are not persisted and inputs are not cached by Prefect,
 so no PHI in memory ever reaches Prefect's database.
@@ -44,7 +45,7 @@ def _stage_task(fn, name: str):
 
 
 scan_task = _stage_task(discover.scan_files, "scan")
-ingest_series_task = _stage_task(ingest.ingest_series, "ingest-series")
+ingest_shard_task = _stage_task(ingest.ingest_shard, "ingest-shard")
 ingest_reports_task = _stage_task(ingest.ingest_reports, "ingest-reports")
 
 
@@ -53,11 +54,12 @@ def rebuild_dataset(drops: list[str], settings: Settings) -> list[ingest.IngestS
     """Ingest each drop: scan headers, plan, extract series in parallel, scrub reports."""
     logger = get_run_logger()
     summaries = []
+    parts = settings.ray.num_cpus * settings.ingest.tasks_per_cpu
     for location in drops:
         started = time.perf_counter()
         reader = discover.DropReader(location, settings)
         paths = reader.list_files()
-        batches = list(discover.batched(paths, settings.ingest.scan_batch_files))
+        batches = discover.split_evenly(paths, parts)
         scanned = [item for future in scan_task.map(reader, batches) for item in future.result()]
         info = discover.read_drop_info(reader)
         drop_id = discover.drop_id_for(info, [s.sha256 for s in scanned])
@@ -66,13 +68,14 @@ def rebuild_dataset(drops: list[str], settings: Settings) -> list[ingest.IngestS
         logger.info("discover %s: %d files, %d series planned, %d quarantined so far", drop_id, plan.files_in,
                     len(plan.series), plan.files_quarantined)
 
-        futures = [ingest_series_task.submit(location, series, settings) for series in plan.series]
+        shards = discover.shard_series(plan.series, parts)
+        futures = [ingest_shard_task.submit(location, shard, settings) for shard in shards]
         reports_future = ingest_reports_task.submit(plan.reports, drop_id, settings)
-        outcomes = []
-        report_progress("ingest", 0, len(futures))
+        outcomes: list[ingest.SeriesOutcome] = []
+        report_progress("ingest", 0, len(plan.series))
         for future in as_completed(futures):
-            outcomes.append(future.result())
-            report_progress("ingest", len(outcomes), len(futures))
+            outcomes.extend(future.result())
+            report_progress("ingest", len(outcomes), len(plan.series))
         summary = ingest.finish_ingest(plan, outcomes, reports_future.result(), settings)
         logger.info("%s, %.1f s", summary.line(), time.perf_counter() - started)
         summaries.append(summary)

@@ -120,7 +120,11 @@ class IngestSettings(_Group):
         description="A study without a report is quarantined as an orphan; true keeps its slices "
         "as image-only records (has_report = false).",
     )
-    scan_batch_files: int = Field(default=64, ge=1, description="Files per header-scan task.")
+    tasks_per_cpu: int = Field(
+        default=2, ge=1, le=64,
+        description="Work is cut into about this many tasks per CPU: enough to balance the load, "
+        "few enough that Prefect's per-task cost (~0.1 s) stays small.",
+    )
 
 
 class RaySettings(_Group):

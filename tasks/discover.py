@@ -25,10 +25,11 @@ from pydantic import ValidationError
 from pydicom.errors import InvalidDicomError
 
 from radground.errors import RadgroundError
+from radground.keys import load_key
 from radground.schemas import DROP_INFO_FILE, REPORTS_FILE, DropInfo, DropReportRow, QuarantineRecord
 from radground.settings import Settings
 from radground.store import open_store
-from tasks.deid import load_key, pseudonym_uid
+from tasks.deid import pseudonym_uid
 
 STORE_SCHEME = "store:"
 SUPPORTED_MODALITIES = ("CT", "MR")
@@ -130,30 +131,47 @@ _OTHER_KEYWORDS = ("InstitutionName", "InstitutionAddress", "PatientAddress", "S
 
 def scan_files(reader: DropReader, paths: Sequence[str]) -> list[FileHeader | Rejection]:
     """Read the header of each file; a file that cannot be used becomes a Rejection."""
+    studies_seen: set[str] = set()
     with quiet_dicom():  # the header values read below are used in memory only
-        return [_scan_one(path, reader.read(path)) for path in paths
+        return [_scan_one(path, reader.read(path), studies_seen) for path in paths
                 if Path(path).name not in (REPORTS_FILE, DROP_INFO_FILE)]
 
 
-def _scan_one(path: str, data: bytes) -> FileHeader | Rejection:
+def read_dataset(data: bytes, **options) -> tuple[pydicom.Dataset, bool]:
+    """Parse DICOM bytes; also say whether the file ended before its data set did.
+
+    pydicom reads a cut-off file leniently (it warns and returns what it got), so the
+    warning is the signal. Warnings are recorded, never shown: they may quote PHI.
+    """
+    with quiet_dicom(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = pydicom.dcmread(io.BytesIO(data), **options)
+    return ds, any("end of file" in str(w.message).lower() for w in caught)
+
+
+def _scan_one(path: str, data: bytes, studies_seen: set[str]) -> FileHeader | Rejection:
     digest = hashlib.sha256(data).hexdigest()
     try:
-        with quiet_dicom(), warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")  # recorded, never shown: they may quote PHI
-            ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=False, defer_size=1024)
+        ds, truncated = read_dataset(data, defer_size=1024)
     except InvalidDicomError:
         return Rejection(digest, "not_dicom", "not a DICOM file (no DICM preamble or readable dataset)")
     except Exception as exc:  # noqa: BLE001 - any parse failure means the file is unreadable
         return Rejection(digest, "unreadable", f"DICOM header cannot be parsed ({type(exc).__name__})")
-    if any("end of file" in str(w.message).lower() for w in caught):
+    if truncated:
         return Rejection(digest, "truncated", "file ends before its data set does; re-export it")
     if "SOPClassUID" not in ds or "SOPInstanceUID" not in ds:
         return Rejection(digest, "not_an_image", "DICOM file without SOP Class/Instance UID (e.g. DICOMDIR)")
     modality = str(ds.get("Modality", "")).upper()
+    study_uid = str(ds.get("StudyInstanceUID", ""))
+    # Every value that could name someone, for scrubbing the study's report. A study's
+    # files share these, and decoding every element is the slowest part of a scan, so
+    # it is done for the first file of each study in the batch.
+    first_of_study = study_uid not in studies_seen
+    studies_seen.add(study_uid)
     return FileHeader(
         path=path,
         sha256=digest,
-        study_uid=str(ds.get("StudyInstanceUID", "")),
+        study_uid=study_uid,
         series_uid=str(ds.get("SeriesInstanceUID", "")),
         sop_uid=str(ds.SOPInstanceUID),
         accession=str(ds.get("AccessionNumber", "") or ""),
@@ -168,10 +186,15 @@ def _scan_one(path: str, data: bytes) -> FileHeader | Rejection:
         rows=int(ds.get("Rows", 0) or 0),
         cols=int(ds.get("Columns", 0) or 0),
         has_pixels=any(tag in ds for tag in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")),
-        person_names=tuple(sorted({str(e.value) for e in ds.iterall() if e.VR == "PN" and e.value})),
+        person_names=_person_names(ds) if first_of_study else (),
         identifiers=tuple(sorted({str(v) for k in _ID_KEYWORDS for v in _as_list(ds.get(k)) if v})),
         other_phi=tuple(sorted({str(v) for k in _OTHER_KEYWORDS for v in _as_list(ds.get(k)) if v})),
     )
+
+
+def _person_names(ds: pydicom.Dataset) -> tuple[str, ...]:
+    """Every PN value anywhere in the data set, nested sequences included."""
+    return tuple(sorted({str(e.value) for e in ds.iterall() if e.VR == "PN" and e.value}))
 
 
 def _as_list(value) -> list:
@@ -323,7 +346,9 @@ def plan_drop(
     for header in headers:
         by_series[(header.study_uid, header.series_uid)].append(header)
 
-    studies = _study_phi(headers)
+    # PHI is gathered from every readable header, rejected ones included: a study's first
+    # file (the one whose names were decoded) may well be its localizer.
+    studies = _study_phi([item for item in scanned if isinstance(item, FileHeader)])
     accession_to_study = {h.accession: h.study_uid for h in headers if h.accession}
     reported_studies: set[str] = set()
     for report in reports:
@@ -438,6 +463,28 @@ def _study_phi(headers: Sequence[FileHeader]) -> dict[str, StudyPHI]:
     }
 
 
-def batched(items: Sequence[str], size: int) -> Iterator[list[str]]:
-    for start in range(0, len(items), size):
-        yield list(items[start:start + size])
+def split_evenly(items: Sequence[str], parts: int) -> list[list[str]]:
+    """Cut items into at most ``parts`` contiguous batches of near-equal length."""
+    parts = max(1, min(parts, len(items)))
+    size, extra = divmod(len(items), parts)
+    batches, start = [], 0
+    for index in range(parts):
+        end = start + size + (1 if index < extra else 0)
+        batches.append(list(items[start:end]))
+        start = end
+    return [b for b in batches if b]
+
+
+def shard_series(series: Sequence[SeriesPlan], shards: int) -> list[list[SeriesPlan]]:
+    """Group whole series into at most ``shards`` groups of similar slice counts.
+
+    Largest series first onto the lightest group (LPT scheduling), so two workers finish
+    together; a series is never split, so its 3D context stays in one task.
+    """
+    groups: list[list[SeriesPlan]] = [[] for _ in range(max(1, min(shards, len(series))))]
+    loads = [0] * len(groups)
+    for plan in sorted(series, key=lambda p: (-len(p.files), p.series_uid)):
+        lightest = loads.index(min(loads))
+        groups[lightest].append(plan)
+        loads[lightest] += len(plan.files)
+    return [g for g in groups if g]

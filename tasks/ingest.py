@@ -9,7 +9,6 @@ PHI: rows hold pseudonyms, quarantine rows hold sha256 digests and reason codes.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 from collections import Counter
@@ -21,12 +20,13 @@ import numpy as np
 import pydicom
 
 from radground.errors import RadgroundError
+from radground.keys import load_key
 from radground.schemas import ImageRecord, QuarantineRecord, ReportRecord
 from radground.settings import Settings
 from radground.store import open_store
 from radground.tables import write_table
-from tasks.deid import date_offset_days, deidentify, load_key, patient_pseudonym, pseudonym_uid
-from tasks.discover import DropPlan, DropReader, ReportJob, SeriesPlan, quiet_dicom
+from tasks.deid import date_offset_days, deidentify, patient_pseudonym, pseudonym_uid
+from tasks.discover import DropPlan, DropReader, ReportJob, SeriesPlan, quiet_dicom, read_dataset
 from tasks.scrub import KnownPHI, scrub_report
 
 logger = logging.getLogger(__name__)
@@ -79,6 +79,11 @@ def ingest_series(location: str, plan: SeriesPlan, settings: Settings) -> Series
     return SeriesOutcome(series_uid=series_uid, shard_key=shard_key, slices=len(records), quarantine=rejected)
 
 
+def ingest_shard(location: str, plans: Sequence[SeriesPlan], settings: Settings) -> list[SeriesOutcome]:
+    """Several whole series in one task: Prefect's per-task cost is paid once per shard."""
+    return [ingest_series(location, plan, settings) for plan in plans]
+
+
 def _extract_slice(data: bytes, sha: str, plan: SeriesPlan, position: float, index: int, series_uid: str,
                    key: bytes, settings: Settings, reject) -> ImageRecord | None:
     """One slice: check, decode, rescale, de-identify; a problem is quarantined via ``reject``."""
@@ -87,8 +92,8 @@ def _extract_slice(data: bytes, sha: str, plan: SeriesPlan, position: float, ind
         return None
     ds = None
     try:
-        ds = pydicom.dcmread(io.BytesIO(data))
-        if _is_truncated(ds):
+        ds, cut_short = read_dataset(data)
+        if cut_short or _is_truncated(ds):
             reject(sha, "truncated", "file ends inside the pixel data; re-export it")
             return None
         pixels = _modality_values(ds)

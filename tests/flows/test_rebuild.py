@@ -131,6 +131,11 @@ def test_the_flow_ran_as_prefect_tasks_no_more_than_one_per_series_or_batch(rebu
         names = [row[0] for row in connection.execute("select name from task_run")]
         flows = connection.execute("select state_type from flow_run").fetchall()
     assert flows == [("COMPLETED",)]
-    series_tasks = [n for n in names if n.startswith("ingest-series")]
-    assert len(series_tasks) == a.series + b.series  # one task per series, never per slice
-    assert len(names) < a.slices + b.slices
+    def count(prefix: str) -> int:
+        return sum(n.startswith(prefix) for n in names)
+
+    # Whole series per task, never a slice: no more shard tasks than series, and about
+    # tasks_per_cpu (2) x num_cpus (2) tasks per stage and drop.
+    assert count("ingest-shard") == min(a.series, 4) + min(b.series, 4)
+    assert count("scan") <= 2 * 4 and count("ingest-reports") == 2
+    assert len(names) == count("ingest-shard") + count("scan") + count("ingest-reports")

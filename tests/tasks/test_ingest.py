@@ -260,3 +260,20 @@ def test_a_drop_inside_the_s3_store_is_ingested_the_same_way(tmp_path, synthetic
     assert (summary.drop_id, summary.slices, summary.files_quarantined) == (
         local_summary.drop_id, local_summary.slices, local_summary.files_quarantined)
     assert store.exists(f"ingest/{summary.drop_id}/summary.json")
+
+
+def test_work_is_cut_into_balanced_batches_and_whole_series_shards():
+    assert discover.split_evenly([str(i) for i in range(10)], 4) == [
+        ["0", "1", "2"], ["3", "4", "5"], ["6", "7"], ["8", "9"]]
+    assert discover.split_evenly(["a"], 4) == [["a"]] and discover.split_evenly([], 4) == []
+
+    def series(uid: str, n: int) -> discover.SeriesPlan:
+        return discover.SeriesPlan("d", uid, "s", "CT", "axial", tuple((f"{uid}{i}", "h") for i in range(n)),
+                                   tuple(float(i) for i in range(n)), True)
+
+    plans = [series("a", 30), series("b", 12), series("c", 10), series("d", 9), series("e", 1)]
+    shards = discover.shard_series(plans, 2)
+    loads = sorted(sum(len(p.files) for p in shard) for shard in shards)
+    assert loads == [31, 31]  # largest first onto the lighter group: 30 + 1 | 12 + 10 + 9
+    assert sorted(p.series_uid for shard in shards for p in shard) == ["a", "b", "c", "d", "e"]
+    assert len(discover.shard_series(plans[:1], 4)) == 1
