@@ -79,8 +79,39 @@ class ImageRecord(BaseModel):
     source_sha256: str = Field(description="sha256 of the raw DICOM file as delivered.")
 
 
+class KeywordItem(BaseModel):
+    """A mention of a segmentable structure: a verbatim span of its sentence."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    keyword: str
+    class_name: str = Field(description="Label-map class name (English), e.g. 'lung_left'.")
+    class_id: int = Field(ge=1)
+    start: int = Field(ge=0, description="Character offset in the sentence.")
+    end: int = Field(gt=0)
+    negated: bool = False
+
+
+class SentenceItem(BaseModel):
+    """One sentence of a report with its keywords, and its translation when there is one."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    index: int = Field(ge=0)
+    section: str | None = Field(description="e.g. 'findings', 'impression'; None outside sections.")
+    text: str
+    start: int = Field(ge=0, description="Character offset in the report text.")
+    end: int = Field(gt=0)
+    keywords: list[KeywordItem]
+    translation: str | None = Field(default=None, description="The sentence in the other language.")
+    translation_keywords: list[KeywordItem] = Field(default_factory=list)
+
+
+TranslationStatus = Literal["not_run", "translated", "partial", "unavailable", "failed"]
+
+
 class ReportRecord(BaseModel):
-    """One scrubbed report of the reports table."""
+    """One report of the reports table: scrubbed at ingest, split and annotated at curate."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -90,6 +121,30 @@ class ReportRecord(BaseModel):
     language: Literal["de", "en"]
     text: str = Field(description="Report text with PHI removed and dates shifted.")
     redactions: int = Field(ge=0, description="How many spans were scrubbed.")
+    sentences: list[SentenceItem] = Field(default_factory=list, description="Filled by curate.")
+    keyword_backend: str | None = Field(default=None, description="lexicon | openai:<model>; set by curate.")
+    translation_status: TranslationStatus = "not_run"
+
+
+class VQARecord(BaseModel):
+    """One question/answer item (DOMAIN.md): per study, or per slice when image_id is set."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    vqa_id: str = Field(description="Stable id: hash of study, language, question.")
+    study_uid: str
+    image_id: str | None = Field(description="Set for slice-level items; None for study-level ones.")
+    patient_pseudonym: str
+    drop_id: str
+    language: Literal["de", "en"]
+    question: str
+    answer: str
+    question_type: Literal["open", "closed", "multiple"]
+    choices: list[str] = Field(description="The options of a multiple-choice item; empty otherwise.")
+    source_sentence: int | None = Field(description="Index of the report sentence the item came from.")
+    source_keyword: str | None = Field(description="The keyword (verbatim span) the item came from.")
+    class_name: str | None
+    generator: Literal["template", "llm"]
 
 
 QuarantineStage = Literal["ingest", "deid", "curate", "segment", "ground", "quality", "version"]
@@ -128,6 +183,8 @@ def arrow_schema(model: type[BaseModel]) -> pa.Schema:
             return pa.list_(kind), False
         if annotation in scalar:
             return scalar[annotation], False
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            return pa.struct(list(arrow_schema(annotation))), False  # nested records: Arrow structs
         raise TypeError(f"{model.__name__}: no Arrow type for {annotation!r}")
 
     fields = []

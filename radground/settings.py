@@ -141,6 +141,49 @@ class PrefectSettings(_Group):
     server_start_timeout_s: float = Field(default=90.0, gt=0)
 
 
+class LLMSettings(_Group):
+    """Keyword extraction (and, with openai, translation and free-form VQA) backend."""
+
+    backend: Literal["lexicon", "openai"] = Field(
+        default="lexicon", description="lexicon: offline, deterministic; openai: any OpenAI-compatible server."
+    )
+    base_url: str = Field(default="http://127.0.0.1:8000/v1", description="OpenAI-compatible API root.")
+    model: str = Field(default="gpt-oss-120b", min_length=1)
+    api_key: SecretStr | None = Field(default=None, description="Bearer token, if the server wants one.")
+    timeout_s: float = Field(default=60.0, gt=0)
+    max_concurrency: int = Field(default=8, ge=1, le=512, description="Requests in flight at once.")
+    max_attempts: int = Field(default=4, ge=1, le=20, description="Tries per sentence before quarantine.")
+    backoff_s: float = Field(default=1.0, ge=0, description="First retry delay; doubles each retry.")
+    temperature: float = Field(default=0.0, ge=0, le=2)
+
+    @field_validator("base_url")
+    @classmethod
+    def _base_url_is_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("expected a URL such as http://127.0.0.1:8000/v1")
+        return value.rstrip("/")
+
+
+class TranslationSettings(_Group):
+    """DE<->EN sentence translation."""
+
+    backend: Literal["auto", "none", "openai", "marian"] = Field(
+        default="auto", description="auto: openai when llm.backend is openai, else none."
+    )
+    marian_de_en: Path | None = Field(default=None, description="Local MarianMT folder, German to English.")
+    marian_en_de: Path | None = Field(default=None, description="Local MarianMT folder, English to German.")
+
+
+class VQASettings(_Group):
+    """Templated (and, with openai, free-form) question/answer generation."""
+
+    seed: int = Field(default=0, ge=0, description="Seeds the choice of questions and distractors.")
+    max_items_per_study: int = Field(default=24, ge=0)
+    choices: int = Field(default=4, ge=2, le=8, description="Options of a multiple-choice question.")
+    free_form: bool = Field(default=True, description="Ask the LLM for free-form items (openai only).")
+
+
 class Settings(BaseSettings):
     """All of radground's configuration. Build it with :func:`load_settings`."""
 
@@ -160,6 +203,9 @@ class Settings(BaseSettings):
     storage: StorageSettings = StorageSettings()
     deid: DeidSettings = DeidSettings()
     ingest: IngestSettings = IngestSettings()
+    llm: LLMSettings = LLMSettings()
+    translation: TranslationSettings = TranslationSettings()
+    vqa: VQASettings = VQASettings()
     ray: RaySettings = RaySettings()
     prefect: PrefectSettings = PrefectSettings()
 

@@ -174,18 +174,29 @@ def _parse_da(value) -> date | None:
         return None
 
 
+def known_phi(job: ReportJob) -> KnownPHI:
+    """What the report's study headers (and its reports.csv row) say about the people in it."""
+    study = job.study
+    return KnownPHI(
+        person_names=study.person_names,
+        identifiers=tuple(sorted({*study.identifiers, job.report.row.patient_id, job.report.row.accession_number})),
+        other=study.other,
+    )
+
+
+def known_phi_by_study(jobs: Sequence[ReportJob], settings: Settings) -> dict[str, KnownPHI]:
+    """Known PHI per de-identified study uid, for re-scanning text produced later (curate)."""
+    key = load_key(settings)
+    return {pseudonym_uid(key, job.study.study_uid): known_phi(job) for job in jobs}
+
+
 def ingest_reports(jobs: Sequence[ReportJob], drop_id: str, settings: Settings) -> list[ReportRecord]:
     """Scrub each joined report with its study's header PHI and the patient's date offset."""
     key = load_key(settings)
     records = []
     for job in jobs:
         study = job.study
-        known = KnownPHI(
-            person_names=study.person_names,
-            identifiers=tuple(sorted({*study.identifiers, job.report.row.patient_id,
-                                      job.report.row.accession_number})),
-            other=study.other,
-        )
+        known = known_phi(job)
         offset = date_offset_days(key, study.patient_id, settings.deid.date_shift_max_days)
         scrubbed = scrub_report(job.report.row.report_text, known, date_offset_days=-offset,
                                 language=job.report.row.language)

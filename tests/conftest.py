@@ -152,3 +152,22 @@ def pydicom_files_on_disk() -> list[Path]:
 
     folders = [Path(pydicom.data.__file__).parent / "test_files", Path(data_store.__file__).parent / "data"]
     return sorted(p for folder in folders for p in folder.rglob("*") if p.is_file() and p.suffix != ".py")
+
+
+@pytest.fixture(scope="session")
+def run_ingest():
+    """The rebuild flow's ingest steps in this process (no Prefect, no Ray), in the flow's order."""
+    from tasks import discover, ingest
+
+    def run(location: str, settings):
+        reader = discover.DropReader(location, settings)
+        scanned = discover.scan_files(reader, reader.list_files())
+        drop_id = discover.drop_id_for(discover.read_drop_info(reader), [s.sha256 for s in scanned])
+        reports, bad = discover.read_reports(reader, drop_id)
+        plan = discover.plan_drop(drop_id, scanned, reports, bad, settings)
+        outcomes = ingest.ingest_shard(location, plan.series, settings)
+        records = ingest.ingest_reports(plan.reports, drop_id, settings)
+        summary = ingest.finish_ingest(plan, outcomes, records, settings)
+        return plan, summary
+
+    return run

@@ -21,22 +21,9 @@ from radground.settings import load_settings
 from radground.store import open_store
 from radground.synth.drop import generate_drop
 from radground.tables import read_table
-from tasks import discover, ingest
+from tasks import discover
 
 KEY = "k" * 40  # a fixed test key: pseudonyms are reproducible inside a test
-
-
-def run_ingest(location: str, settings) -> tuple[discover.DropPlan, ingest.IngestSummary]:
-    """The flow's steps in one process, in the flow's order."""
-    reader = discover.DropReader(location, settings)
-    scanned = discover.scan_files(reader, reader.list_files())
-    drop_id = discover.drop_id_for(discover.read_drop_info(reader), [s.sha256 for s in scanned])
-    reports, bad = discover.read_reports(reader, drop_id)
-    plan = discover.plan_drop(drop_id, scanned, reports, bad, settings)
-    outcomes = [ingest.ingest_series(location, series, settings) for series in plan.series]
-    summary = ingest.finish_ingest(plan, outcomes, ingest.ingest_reports(plan.reports, drop_id, settings),
-                                   settings)
-    return plan, summary
 
 
 def settings_for(tmp_path: Path, **ingest_options):
@@ -48,7 +35,7 @@ def quarantine_rows(settings, drop_id: str) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def synthetic(tmp_path_factory):
+def synthetic(tmp_path_factory, run_ingest):
     root = tmp_path_factory.mktemp("ingest")
     result = generate_drop(root / "drop", patients=3, seed=4)
     truth = json.loads(result.truth_path.read_text(encoding="utf-8"))
@@ -152,7 +139,7 @@ def test_reports_are_scrubbed_and_dates_shift_like_the_images(synthetic):
     assert checked >= 2
 
 
-def test_orphan_studies_can_contribute_image_only_records(tmp_path, synthetic):
+def test_orphan_studies_can_contribute_image_only_records(tmp_path, synthetic, run_ingest):
     result, truth, _, _, strict = synthetic
     settings = settings_for(tmp_path, orphan_studies_image_only=True)
     _, summary = run_ingest(str(result.drop_dir), settings)
@@ -179,7 +166,7 @@ def _first_axial_series(truth) -> list[str]:
     raise AssertionError("no reported axial series")
 
 
-def test_series_rules_geometry_duplicates_burned_in(tmp_path, synthetic):
+def test_series_rules_geometry_duplicates_burned_in(tmp_path, synthetic, run_ingest):
     result, truth, _, _, _ = synthetic
     drop = _copy_drop(result.drop_dir, tmp_path / "drop")
     paths = _first_axial_series(truth)
@@ -204,7 +191,7 @@ def test_series_rules_geometry_duplicates_burned_in(tmp_path, synthetic):
     assert summary2.files_in == summary2.slices + summary2.files_quarantined
 
 
-def test_invalid_report_rows_are_quarantined_not_fatal(tmp_path, synthetic):
+def test_invalid_report_rows_are_quarantined_not_fatal(tmp_path, synthetic, run_ingest):
     result, _, _, _, _ = synthetic
     drop = _copy_drop(result.drop_dir, tmp_path / "drop")
     with (drop / "reports.csv").open("a", encoding="utf-8", newline="") as handle:
@@ -229,7 +216,7 @@ def test_missing_reports_table_and_wrong_columns_are_clear_errors(tmp_path):
         discover.DropReader(str(tmp_path / "missing"), settings_for(tmp_path))
 
 
-def test_pydicom_test_files_are_ingested_or_quarantined_never_crash(tmp_path, pydicom_files_on_disk):
+def test_pydicom_test_files_are_ingested_or_quarantined_never_crash(tmp_path, pydicom_files_on_disk, run_ingest):
     drop = tmp_path / "drop"
     drop.mkdir()
     sources = pydicom_files_on_disk
@@ -247,7 +234,7 @@ def test_pydicom_test_files_are_ingested_or_quarantined_never_crash(tmp_path, py
 
 
 @pytest.mark.integration
-def test_a_drop_inside_the_s3_store_is_ingested_the_same_way(tmp_path, synthetic, s3_server):
+def test_a_drop_inside_the_s3_store_is_ingested_the_same_way(tmp_path, synthetic, s3_server, run_ingest):
     result, _, _, _, local_summary = synthetic
     settings = load_settings(data_dir=tmp_path / "data", deid={"key": KEY}, storage={
         "backend": "s3", "endpoint": s3_server, "bucket": "ingest-s3-drop", "access_key": "testing",

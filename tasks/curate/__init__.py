@@ -1,0 +1,1 @@
+"""Curate reports: sentences, anatomical keywords, translation, VQA (see tasks/curate/base.py)."""
