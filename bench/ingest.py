@@ -85,7 +85,8 @@ def bench_ingest(patients: int = 20, seed: int = 0) -> dict:
                 flow = rebuild_dataset.with_options(task_runner=RayTaskRunner())
                 flow([str(warmup)], settings)  # workers import everything once
                 started = time.perf_counter()
-                (summary,) = flow([str(drop)], settings)
+                (result,) = flow([str(drop)], settings)
+                summary = result.ingest
                 flow_s = time.perf_counter() - started
             finally:
                 ray.shutdown()

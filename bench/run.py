@@ -18,7 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))  # the benchmark modules beside this runner
 
+from curate import bench_lexicon  # noqa: E402
 from ingest import bench_ingest  # noqa: E402
+from llm import bench_llm  # noqa: E402
 from synth import bench_synth  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -37,7 +39,9 @@ def _machine() -> dict:
             "processor": platform.processor() or platform.machine()}
 
 
-BENCHMARKS: dict[str, Callable[[], dict]] = {"synth": bench_synth, "ingest": bench_ingest}
+BENCHMARKS: dict[str, Callable[[], dict]] = {
+    "synth": bench_synth, "ingest": bench_ingest, "lexicon": bench_lexicon, "llm": bench_llm,
+}
 
 
 def main() -> None:

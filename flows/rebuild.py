@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -22,6 +23,7 @@ from radground.errors import StoreAuthError, StoreError
 from radground.runtime import prefect_api, ray_init_kwargs, report_progress
 from radground.settings import Settings
 from tasks import discover, ingest
+from tasks.curate import stage as curate
 
 _RETRY_DELAYS = [2, 8, 30]
 
@@ -44,14 +46,23 @@ def _stage_task(fn, name: str):
                 retry_condition_fn=_transient_only, cache_policy=NO_CACHE, persist_result=False)
 
 
+@dataclass(frozen=True)
+class DropResult:
+    """What one drop's rebuild produced: each stage's summary."""
+
+    ingest: ingest.IngestSummary
+    curate: dict
+
+
 scan_task = _stage_task(discover.scan_files, "scan")
+curate_task = _stage_task(curate.curate_batch, "curate")
 ingest_shard_task = _stage_task(ingest.ingest_shard, "ingest-shard")
 ingest_reports_task = _stage_task(ingest.ingest_reports, "ingest-reports")
 
 
 @flow(name="rebuild_dataset", validate_parameters=False, log_prints=False)
-def rebuild_dataset(drops: list[str], settings: Settings) -> list[ingest.IngestSummary]:
-    """Ingest each drop: scan headers, plan, extract series in parallel, scrub reports."""
+def rebuild_dataset(drops: list[str], settings: Settings) -> list[DropResult]:
+    """Per drop: ingest (scan, plan, extract series, scrub reports), then curate the reports."""
     logger = get_run_logger()
     summaries = []
     parts = settings.ray.num_cpus * settings.ingest.tasks_per_cpu
@@ -76,13 +87,22 @@ def rebuild_dataset(drops: list[str], settings: Settings) -> list[ingest.IngestS
         for future in as_completed(futures):
             outcomes.extend(future.result())
             report_progress("ingest", len(outcomes), len(plan.series))
-        summary = ingest.finish_ingest(plan, outcomes, reports_future.result(), settings)
+        reports = reports_future.result()
+        summary = ingest.finish_ingest(plan, outcomes, reports, settings)
         logger.info("%s, %.1f s", summary.line(), time.perf_counter() - started)
-        summaries.append(summary)
+
+        started = time.perf_counter()
+        known = ingest.known_phi_by_study(plan.reports, settings)
+        batches = discover.split_evenly(reports, parts)
+        curated = [curate_task.submit(batch, {r.study_uid: known[r.study_uid] for r in batch}, settings)
+                   for batch in batches]
+        curate_summary = curate.finish_curate(drop_id, [f.result() for f in curated], settings)
+        logger.info("%s, %.1f s", curate.summary_line(curate_summary), time.perf_counter() - started)
+        summaries.append(DropResult(ingest=summary, curate=curate_summary))
     return summaries
 
 
-def run_rebuild(drops: Sequence[str], settings: Settings) -> list[ingest.IngestSummary]:
+def run_rebuild(drops: Sequence[str], settings: Settings) -> list[DropResult]:
     """Run the flow on the configured runtime (embedded Prefect API + local Ray by default)."""
     for location in drops:
         discover.DropReader(location, settings)  # reject a missing drop before anything starts

@@ -143,10 +143,47 @@ def rebuild(
 
         with progress_hook(follow):
             summaries = run_rebuild(drops, settings)
-    for summary in summaries:
-        out.print(summary.line())
+    from tasks.curate.stage import summary_line
+
+    for result in summaries:
+        out.print(result.ingest.line())
+        out.print(summary_line(result.curate))
     store = settings.store_root.resolve() if settings.storage.backend == "local" else settings.storage.bucket
-    out.print(f"stage outputs: {store} (prefix ingest/<drop_id>/)")
+    out.print(f"stage outputs: {store} (prefixes ingest/<drop_id>/, curate/<drop_id>/)")
+
+
+@app.command()
+def keywords(
+    text: Annotated[str, typer.Argument(help="A sentence (or several) to analyse.")],
+    lang: Annotated[str, typer.Option("--lang", "-l", help="Language of TEXT: de or en.")] = "de",
+    backend: Annotated[str | None, typer.Option(
+        "--backend", "-b", help="lexicon or openai; default: the llm.backend setting.")] = None,
+) -> None:
+    """Print one JSON object per anatomical keyword found in TEXT (keyword, class, start, end, negated).
+
+    Offsets are character offsets into TEXT. Try: radground keywords "Lunge beidseits frei, LWK 5 o.B."
+    """
+    from radground.errors import ConfigError
+    from tasks.curate.base import ExtractionFailure
+    from tasks.curate.sentences import split_sentences
+    from tasks.curate.stage import keyword_backend
+
+    if lang not in ("de", "en"):
+        raise ConfigError(f"--lang {lang!r}: expected de or en.")
+    if backend not in (None, "lexicon", "openai"):
+        raise ConfigError(f"--backend {backend!r}: expected lexicon or openai.")
+    settings = state.settings
+    if backend is not None:
+        settings = settings.model_copy(update={"llm": settings.llm.model_copy(update={"backend": backend})})
+    extractor = keyword_backend(settings)
+    spans = split_sentences(text, lang) or []
+    for span, result in zip(spans, extractor.extract([s.text for s in spans], lang), strict=True):
+        if isinstance(result, ExtractionFailure):
+            raise ConfigError(f"keywords could not be extracted ({result.reason}): {result.detail}")
+        for kw in result:
+            print(json.dumps({"keyword": kw.keyword, "class": kw.class_name, "class_id": kw.class_id,
+                              "start": span.start + kw.start, "end": span.start + kw.end,
+                              "negated": kw.negated}, ensure_ascii=False))
 
 
 @app.command()
@@ -156,7 +193,7 @@ def demo(
 ) -> None:
     """Run the main job on the embedded default: every stage that exists, on a synthetic drop.
 
-    Writes under data_dir (default ./.radground). Stages so far: synth, rebuild (ingest).
+    Writes under data_dir (default ./.radground). Stages so far: synth, rebuild (ingest, curate).
     """
     data_dir = state.settings.data_dir.resolve()
     drop_dir = data_dir / "drops" / "demo"

@@ -42,3 +42,7 @@ class SynthError(RadgroundError):
 
 class DeidError(RadgroundError):
     """De-identification cannot proceed safely; messages never carry the PHI values involved."""
+
+
+class TokenDecodeError(RadgroundError):
+    """Model output with grounding tokens is malformed; the message names the problem and its position."""

@@ -7,29 +7,20 @@ are validated like the LLM's: non-empty, numbers and placeholders preserved.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
 from radground.settings import TranslationSettings
 from tasks.curate.base import CurationError, ExtractionFailure
-
-_NUMBER = re.compile(r"\d+(?:[.,]\d+)?")
-_PLACEHOLDER = re.compile(r"\[[A-Z]+\]")
+from tasks.curate.llm_prompts import AttemptFailed, check_translation
 
 
 def translation_problem(source: str, translation: str) -> ExtractionFailure | None:
-    """Why a translation cannot be kept, or None. Decimal commas may become points."""
-    if not translation.strip():
-        return ExtractionFailure("empty_translation", "the translation is empty")
-    found = [n.replace(",", ".") for n in _NUMBER.findall(translation)]
-    for number in _NUMBER.findall(source):
-        normalised = number.replace(",", ".")
-        if normalised not in found:
-            return ExtractionFailure("numbers_not_preserved", "a number or measurement of the source is missing")
-        found.remove(normalised)
-    if sorted(_PLACEHOLDER.findall(source)) != sorted(_PLACEHOLDER.findall(translation)):
-        return ExtractionFailure("placeholders_not_preserved", "a [NAME]/[DATE]/... placeholder was lost")
+    """Why a translation cannot be kept, or None: the same checks as the LLM's translations."""
+    try:
+        check_translation(source, translation)
+    except AttemptFailed as failed:
+        return ExtractionFailure(failed.reason, failed.detail)
     return None
 
 

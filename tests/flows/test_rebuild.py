@@ -54,8 +54,8 @@ def rebuilt(tmp_path_factory):
     truth = json.loads(first.truth_path.read_text(encoding="utf-8"))
     returning = _second_drop_with_a_returning_patient(first.drop_dir, truth, root / "drop-b")
     settings = load_settings(data_dir=root / "data", ray={"num_cpus": 2})
-    summaries = run_rebuild([str(first.drop_dir), str(root / "drop-b")], settings)
-    return root, truth, returning, settings, summaries
+    results = run_rebuild([str(first.drop_dir), str(root / "drop-b")], settings)
+    return root, truth, returning, settings, results
 
 
 def _images(settings, drop_id: str) -> list[dict]:
@@ -64,7 +64,8 @@ def _images(settings, drop_id: str) -> list[dict]:
 
 
 def test_counts_reconcile_for_both_drops(rebuilt):
-    _, truth, returning, _, summaries = rebuilt
+    _, truth, returning, _, results = rebuilt
+    summaries = [r.ingest for r in results]
     assert len(summaries) == 2
     for summary in summaries:
         assert summary.files_in == summary.slices + summary.files_quarantined
@@ -110,7 +111,8 @@ def test_no_planted_phi_in_any_byte_written_under_data_dir(rebuilt):
 
 
 def test_a_returning_patient_keeps_pseudonym_uids_and_date_shift(rebuilt):
-    _, truth, returning, settings, (a, b) = rebuilt
+    _, truth, returning, settings, results = rebuilt
+    a, b = (r.ingest for r in results)
     first, second = _images(settings, a.drop_id), _images(settings, b.drop_id)
     later = {r["image_id"]: r for r in second}
     same = [r for r in first if r["image_id"] in later]
@@ -125,7 +127,8 @@ def test_a_returning_patient_keeps_pseudonym_uids_and_date_shift(rebuilt):
 
 
 def test_the_flow_ran_as_prefect_tasks_no_more_than_one_per_series_or_batch(rebuilt):
-    _, _, _, settings, (a, b) = rebuilt
+    _, _, _, settings, results = rebuilt
+    a, b = (r.ingest for r in results)
     database = next(settings.data_dir.glob("prefect/prefect.db"))
     with sqlite3.connect(database) as connection:
         names = [row[0] for row in connection.execute("select name from task_run")]
@@ -137,5 +140,17 @@ def test_the_flow_ran_as_prefect_tasks_no_more_than_one_per_series_or_batch(rebu
     # Whole series per task, never a slice: no more shard tasks than series, and about
     # tasks_per_cpu (2) x num_cpus (2) tasks per stage and drop.
     assert count("ingest-shard") == min(a.series, 4) + min(b.series, 4)
-    assert count("scan") <= 2 * 4 and count("ingest-reports") == 2
-    assert len(names) == count("ingest-shard") + count("scan") + count("ingest-reports")
+    assert count("scan") <= 2 * 4 and count("ingest-reports") == 2 and 2 <= count("curate") <= 2 * 4
+    assert len(names) == count("ingest-shard") + count("scan") + count("ingest-reports") + count("curate")
+
+
+def test_curate_ran_after_ingest_and_wrote_reports_and_vqa(rebuilt):
+    _, _, _, settings, results = rebuilt
+    store = open_store(settings)
+    for result in results:
+        drop_id = result.ingest.drop_id
+        reports = read_table(store, f"curate/{drop_id}/reports.parquet").to_pylist()
+        assert len(reports) == result.ingest.reports == result.curate["reports"]
+        assert all(r["sentences"] and r["keyword_backend"] == "lexicon" for r in reports)
+        assert read_table(store, f"curate/{drop_id}/vqa.parquet").num_rows == result.curate["vqa_items"] > 0
+        assert result.curate["language_coverage"]["de"] + result.curate["language_coverage"]["en"] > 0

@@ -45,7 +45,7 @@ def test_translation_problem_keeps_numbers_and_placeholders():
     assert translation_problem("Zyste 2,2 cm, [DATE].", "Cyst 2.2 cm, [DATE].") is None
     assert translation_problem("Zyste 2,2 cm.", "Cyst 2 cm.").reason == "numbers_not_preserved"
     assert translation_problem("Befund vom [DATE].", "Findings.").reason == "placeholders_not_preserved"
-    assert translation_problem("Leber o.B.", "  ").reason == "empty_translation"
+    assert translation_problem("Leber o.B.", "  ").reason == "schema_error"
 
 
 def test_random_model_runs_locally_and_bad_output_is_a_failure_not_text(tiny_marian):
@@ -54,7 +54,7 @@ def test_random_model_runs_locally_and_bad_output_is_a_failure_not_text(tiny_mar
     assert len(results) == 2
     # Random weights cannot keep "2,2": that sentence must come back as a failure with its reason.
     assert isinstance(results[0], ExtractionFailure) and results[0].reason in (
-        "numbers_not_preserved", "empty_translation")
+        "numbers_not_preserved", "schema_error")
     assert all(isinstance(r, (str, ExtractionFailure)) for r in results)
 
 

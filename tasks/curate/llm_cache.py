@@ -1,0 +1,99 @@
+"""A persistent cache of validated LLM answers: SQLite in WAL mode, safe for several processes.
+
+Keyed by (backend, model, prompt version, task kind, language, sha256 of the sentence), so
+a sentence seen before costs no request, whichever run or process asked first. Only
+validated successes are stored, one commit each, so an interrupted run loses at most the
+requests still in flight. Sentence text never enters a key: only its sha256 does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+BUSY_TIMEOUT_S = 30.0  # how long a writer waits for another process's write lock
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS llm_results (
+    backend TEXT NOT NULL,
+    model TEXT NOT NULL,
+    prompt_version TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    language TEXT NOT NULL,
+    sentence_sha256 TEXT NOT NULL,
+    result TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (backend, model, prompt_version, kind, language, sentence_sha256)
+) WITHOUT ROWID
+"""
+
+
+class CacheKey(NamedTuple):
+    backend: str  # "openai"
+    model: str  # llm.model, e.g. "gpt-oss-120b"
+    prompt_version: str  # PROMPT_VERSION plus a digest of the rendered prompt
+    kind: str  # "extract" | "translate" | "vqa"
+    language: str  # the sentence's language ("de" | "en")
+    sentence_sha256: str
+
+
+def sentence_sha256(sentence: str) -> str:
+    """The cache's name for a sentence."""
+    return hashlib.sha256(sentence.encode("utf-8")).hexdigest()
+
+
+class LLMCache:
+    """get/put of validated JSON answers; one connection shared by the threads of a process."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._conn: sqlite3.Connection | None = None
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # isolation_level=None: autocommit, so every put is its own committed transaction.
+            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None,
+                                   check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")  # readers never block the writer, nor it them
+            conn.execute("PRAGMA synchronous=NORMAL")  # durable across a process crash; it is a cache
+            conn.execute(_SCHEMA)
+            self._conn = conn
+        return self._conn
+
+    def get(self, key: CacheKey) -> str | None:
+        """The stored JSON text for a key, or None."""
+        with self._lock:
+            row = self._connection().execute(
+                "SELECT result FROM llm_results WHERE backend=? AND model=? AND prompt_version=? "
+                "AND kind=? AND language=? AND sentence_sha256=?", tuple(key)).fetchone()
+        return None if row is None else row[0]
+
+    def put(self, key: CacheKey, result: str) -> None:
+        """Store (and commit at once) one validated JSON answer."""
+        with self._lock:
+            self._connection().execute(
+                "INSERT OR REPLACE INTO llm_results VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (*key, result, time.time()))
+
+    def delete(self, key: CacheKey) -> None:
+        """Forget one answer (a stored answer that no longer validates)."""
+        with self._lock:
+            self._connection().execute(
+                "DELETE FROM llm_results WHERE backend=? AND model=? AND prompt_version=? "
+                "AND kind=? AND language=? AND sentence_sha256=?", tuple(key))
+
+    def __len__(self) -> int:
+        with self._lock:
+            return self._connection().execute("SELECT COUNT(*) FROM llm_results").fetchone()[0]
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
