@@ -70,7 +70,9 @@ _PARTICLES = ("von", "van", "de", "der", "den", "zu", "vom", "zum", "da", "di", 
 _STOP = (r"(?:Befund|Beurteilung|Radiologie|Radiology|Rückfragen|Tel|Telefon|Phone|Fax|Klinik|Klinikum|"
          r"Institut|Abteilung|Department|Station|Ihre?|Ihrem|Team|Mit|Und|And|The|Der|Die|Das|MD|FRCR|PhD|"
          r"DOB|MRN|PID|ID|Date|Datum|Patient|Patientin|Name|Kollegen?|Kollegin|Facharzt|Fachärztin|Oberarzt|"
-         rf"Oberärztin|Assistenzarzt|Assistenzärztin|Chefarzt|Chefärztin){_NO_LETTER_AFTER}")
+         r"Oberärztin|Assistenzarzt|Assistenzärztin|Chefarzt|Chefärztin|"
+         # A title is never a name: "signed by: Dr. [NAME]" must leave "Dr" alone on a second pass.
+         rf"Dr|Prof|Professor|Doktor|Herrn?|Frau|Mrs?|Ms|Miss|OA|OÄ|med|PD){_NO_LETTER_AFTER}")
 _FAMILY = rf"(?:(?:{'|'.join(_PARTICLES)})[ \t]+){{0,2}}{_WORD}"  # "de la Cruz"
 _NAME = (rf"(?!{_STOP})(?:{_WORD}[ \t]+{_INITIAL}[ \t]*{_FAMILY}|(?:{_INITIAL}[ \t]*){{1,2}}{_FAMILY}"
          rf"|{_WORD},[ \t]*{_INITIAL}|{_WORD}(?:[ \t](?!{_STOP}){_FAMILY})?)")  # "Smith, J.", "Karl Weber"

@@ -47,6 +47,31 @@ def keywords_answer(keywords: Iterable[tuple[str, str] | tuple[str, str, bool] |
     return {"keywords": items}
 
 
+def lexicon_like_responder() -> Responder:
+    """A stand-in model for end-to-end runs: keywords as the lexicon finds them, a faithful
+    'translation' (the sentence itself: numbers and placeholders intact), and one closed
+    question per sentence. It tells the tasks apart by their system prompts."""
+    from tasks.curate.lexicon import LexiconExtractor
+
+    lexicon = LexiconExtractor()
+
+    def respond(messages: list[dict]) -> Reply:
+        system = messages[0]["content"]
+        request = json.loads(messages[-1]["content"])
+        sentence = request["sentence"]
+        if "translate" in system.lower() and "from" in request:
+            return 200, {"translation": sentence}
+        if "question-answer" in system:
+            yes = "ja" if request["language"] == "de" else "yes"
+            question = "Befund?" if yes == "ja" else "Finding?"
+            return 200, {"items": [{"question": question, "answer": yes, "question_type": "closed", "choices": []}]}
+        (found,) = lexicon.extract([sentence], request["language"])
+        return 200, {"keywords": [{"keyword": k.keyword, "category": k.class_name, "negated": k.negated}
+                                  for k in found]}
+
+    return respond
+
+
 class StubLLMServer:
     """Start with ``with StubLLMServer(...) as server:``; point llm.base_url at ``server.url``."""
 

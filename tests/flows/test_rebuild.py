@@ -154,3 +154,22 @@ def test_curate_ran_after_ingest_and_wrote_reports_and_vqa(rebuilt):
         assert all(r["sentences"] and r["keyword_backend"] == "lexicon" for r in reports)
         assert read_table(store, f"curate/{drop_id}/vqa.parquet").num_rows == result.curate["vqa_items"] > 0
         assert result.curate["language_coverage"]["de"] + result.curate["language_coverage"]["en"] > 0
+
+
+def test_the_flow_curates_with_the_openai_backend_against_a_local_server(tmp_path):
+    """Both modes through the real flow: Ray workers reach the OpenAI-compatible server on loopback."""
+    from llm_server import StubLLMServer, lexicon_like_responder
+
+    drop = generate_drop(tmp_path / "drop", patients=2, seed=5)
+    with StubLLMServer(responder=lexicon_like_responder()) as server:
+        settings = load_settings(data_dir=tmp_path / "data", llm={
+            "backend": "openai", "base_url": server.url, "model": "stub-model", "backoff_s": 0.01})
+        (result,) = run_rebuild([str(drop.drop_dir)], settings)
+        assert server.requests > 0
+    store = open_store(settings)
+    reports = read_table(store, f"curate/{result.ingest.drop_id}/reports.parquet").to_pylist()
+    assert reports and all(r["keyword_backend"] == "openai:stub-model" for r in reports)
+    statuses = [r["translation_status"] for r in reports]
+    assert statuses == ["translated"] * len(reports), result.curate["quarantine_reasons"]
+    vqa = read_table(store, f"curate/{result.ingest.drop_id}/vqa.parquet").to_pylist()
+    assert {v["generator"] for v in vqa} == {"template", "llm"} and {v["language"] for v in vqa} == {"de", "en"}

@@ -101,36 +101,12 @@ def test_failed_sentences_are_quarantined_never_stored_as_empty(ingested, monkey
     assert all(i % 2 == 1 for i in failed) and all(i % 2 == 0 for i in kept)
 
 
-def _model_that_answers_like_the_lexicon():
-    """A responder for the stub server: keywords from the lexicon, a faithful 'translation'
-    (the sentence itself, numbers intact), and one closed VQA item per sentence."""
-    from tasks.curate.lexicon import LexiconExtractor
-
-    lexicon = LexiconExtractor()
-
-    def respond(messages):
-        system = messages[0]["content"]
-        request = json.loads(messages[-1]["content"])
-        sentence = request["sentence"]
-        if "translate" in system.lower() and "from" in request:
-            return 200, {"translation": sentence}
-        if "question-answer" in system:
-            yes = "ja" if request["language"] == "de" else "yes"
-            return 200, {"items": [{"question": "Befund?" if yes == "ja" else "Finding?", "answer": yes,
-                                    "question_type": "closed", "choices": []}]}
-        (found,) = lexicon.extract([sentence], request["language"])
-        return 200, {"keywords": [{"keyword": k.keyword, "category": k.class_name, "negated": k.negated}
-                                  for k in found]}
-
-    return respond
-
-
 @pytest.mark.integration
 def test_openai_mode_against_a_local_server_translates_and_caches(ingested, tmp_path):
-    from llm_server import StubLLMServer
+    from llm_server import StubLLMServer, lexicon_like_responder
 
     truth, settings, drop_id, reports, known = ingested
-    with StubLLMServer(responder=_model_that_answers_like_the_lexicon(), models=("stub-model",)) as server:
+    with StubLLMServer(responder=lexicon_like_responder(), models=("stub-model",)) as server:
         openai_settings = settings.model_copy(update={
             "data_dir": tmp_path,
             "llm": settings.llm.model_copy(update={"backend": "openai", "base_url": server.url,
