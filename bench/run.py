@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # the benchmark modules beside t
 from curate import bench_lexicon  # noqa: E402
 from ingest import bench_ingest  # noqa: E402
 from llm import bench_llm  # noqa: E402
+from sam import bench_sam  # noqa: E402
 from synth import bench_synth  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -41,6 +42,7 @@ def _machine() -> dict:
 
 BENCHMARKS: dict[str, Callable[[], dict]] = {
     "synth": bench_synth, "ingest": bench_ingest, "lexicon": bench_lexicon, "llm": bench_llm,
+    "sam": bench_sam,
 }
 
 

@@ -23,7 +23,9 @@ from radground.errors import StoreAuthError, StoreError
 from radground.runtime import prefect_api, ray_init_kwargs, report_progress
 from radground.settings import Settings
 from tasks import discover, ingest
+from tasks import ground_stage as ground
 from tasks.curate import stage as curate
+from tasks.segment import stage as segment
 
 _RETRY_DELAYS = [2, 8, 30]
 
@@ -52,17 +54,22 @@ class DropResult:
 
     ingest: ingest.IngestSummary
     curate: dict
+    segment: dict
+    ground: dict
 
 
 scan_task = _stage_task(discover.scan_files, "scan")
 curate_task = _stage_task(curate.curate_batch, "curate")
+segment_task = _stage_task(segment.segment_series, "segment")
+ground_task = _stage_task(ground.ground_batch, "ground")
 ingest_shard_task = _stage_task(ingest.ingest_shard, "ingest-shard")
 ingest_reports_task = _stage_task(ingest.ingest_reports, "ingest-reports")
 
 
 @flow(name="rebuild_dataset", validate_parameters=False, log_prints=False)
 def rebuild_dataset(drops: list[str], settings: Settings) -> list[DropResult]:
-    """Per drop: ingest (scan, plan, extract series, scrub reports), then curate the reports."""
+    """Per drop: ingest (scan, plan, extract series, scrub reports), curate the reports, segment the
+    series, and ground the report keywords on the slices."""
     logger = get_run_logger()
     summaries = []
     parts = settings.ray.num_cpus * settings.ingest.tasks_per_cpu
@@ -96,9 +103,30 @@ def rebuild_dataset(drops: list[str], settings: Settings) -> list[DropResult]:
         batches = discover.split_evenly(reports, parts)
         curated = [curate_task.submit(batch, {r.study_uid: known[r.study_uid] for r in batch}, settings)
                    for batch in batches]
-        curate_summary = curate.finish_curate(drop_id, [f.result() for f in curated], settings)
+        curate_outcomes = [f.result() for f in curated]
+        curate_summary = curate.finish_curate(drop_id, curate_outcomes, settings)
         logger.info("%s, %.1f s", curate.summary_line(curate_summary), time.perf_counter() - started)
-        summaries.append(DropResult(ingest=summary, curate=curate_summary))
+
+        started = time.perf_counter()
+        image_keys = [o.shard_key for o in outcomes if o.shard_key]
+        segmented = [segment_task.submit(drop_id, keys, settings) for keys in discover.split_evenly(image_keys, parts)]
+        series = [o for f in segmented for o in f.result()]
+        segment_summary = segment.summarise(drop_id, series, settings)
+        logger.info("%s, %.1f s", segment.summary_line(segment_summary), time.perf_counter() - started)
+
+        started = time.perf_counter()
+        mask_keys = [o.mask_key for o in series if o.mask_key]
+        modalities = {o.study_uid: o.modality for o in series if o.mask_key}
+        study_images: dict[str, list[str]] = {}
+        for o in series:
+            study_images.setdefault(o.study_uid, []).extend(o.image_ids)
+        curated_reports = [r for o in curate_outcomes for r in o.reports]
+        grounded = [ground_task.submit(batch, mask_keys, modalities, study_images, settings)
+                    for batch in discover.split_evenly(curated_reports, parts)]
+        ground_summary = ground.finish_ground(drop_id, [f.result() for f in grounded], image_keys, settings)
+        logger.info("%s, %.1f s", ground.summary_line(ground_summary), time.perf_counter() - started)
+        summaries.append(DropResult(ingest=summary, curate=curate_summary, segment=segment_summary,
+                                    ground=ground_summary))
     return summaries
 
 

@@ -125,6 +125,9 @@ def synth(
 def rebuild(
     drops: Annotated[list[str], typer.Argument(
         metavar="DROP...", help="Drop folders, or store:PREFIX for a drop inside the object store.")],
+    overlays: Annotated[int | None, typer.Option(
+        "--overlays", min=0, help="Write PNG overlays of this many grounded slices per drop "
+        "(<data_dir>/overlays/<drop_id>/).")] = None,
 ) -> None:
     """Rebuild the dataset from one or more drops: ingest, de-identify, extract slices, scrub reports.
 
@@ -134,6 +137,9 @@ def rebuild(
     from flows.rebuild import run_rebuild  # Prefect and Ray load only when needed
 
     settings = state.settings
+    if overlays is not None:
+        settings = settings.model_copy(update={
+            "grounding": settings.grounding.model_copy(update={"overlays": overlays})})
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("series"),
                   TimeElapsedColumn(), console=console, transient=True) as progress:
         bar = progress.add_task("starting Prefect + Ray", total=None)
@@ -143,13 +149,17 @@ def rebuild(
 
         with progress_hook(follow):
             summaries = run_rebuild(drops, settings)
-    from tasks.curate.stage import summary_line
+    from tasks.curate.stage import summary_line as curate_line
+    from tasks.ground_stage import summary_line as ground_line
+    from tasks.segment.stage import summary_line as segment_line
 
     for result in summaries:
         out.print(result.ingest.line())
-        out.print(summary_line(result.curate))
+        out.print(curate_line(result.curate))
+        out.print(segment_line(result.segment))
+        out.print(ground_line(result.ground))
     store = settings.store_root.resolve() if settings.storage.backend == "local" else settings.storage.bucket
-    out.print(f"stage outputs: {store} (prefixes ingest/<drop_id>/, curate/<drop_id>/)")
+    out.print(f"stage outputs: {store} (prefixes ingest/, curate/, segment/, ground/ + <drop_id>/)")
 
 
 @app.command()
@@ -187,19 +197,39 @@ def keywords(
 
 
 @app.command()
+def show(
+    image_id: Annotated[str, typer.Argument(help="A slice's image_id (de-identified SOP Instance UID).")],
+    out_file: Annotated[Path | None, typer.Option("--out", "-o", help="PNG to write; default "
+                                                  "<data_dir>/overlays/show/IMAGE_ID.png.")] = None,
+    language: Annotated[str, typer.Option("--lang", "-l", help="Keyword language to label: de or en.")] = "de",
+) -> None:
+    """Render one slice with its masks, grounded boxes and keywords as a PNG, to check the pipeline by eye."""
+    from radground.errors import ConfigError
+    from tasks.ground_stage import render_image
+
+    if language not in ("de", "en"):
+        raise ConfigError(f"--lang {language!r}: expected de or en.")
+    settings = state.settings
+    target = out_file or settings.data_dir / "overlays" / "show" / f"{image_id}.png"
+    path = render_image(image_id, target, language, settings)
+    out.print(f"overlay written to [bold]{path}[/]")
+
+
+@app.command()
 def demo(
     patients: Annotated[int, typer.Option("--patients", "-n", min=1, help="Patients in the demo drop.")] = 6,
     seed: Annotated[int, typer.Option("--seed", "-s", min=0, help="Random seed of the demo drop.")] = 0,
 ) -> None:
     """Run the main job on the embedded default: every stage that exists, on a synthetic drop.
 
-    Writes under data_dir (default ./.radground). Stages so far: synth, rebuild (ingest, curate).
+    Writes under data_dir (default ./.radground). Stages so far: synth, then rebuild: ingest,
+    curate, segment (classical), ground — with 4 overlay PNGs to look at.
     """
     data_dir = state.settings.data_dir.resolve()
     drop_dir = data_dir / "drops" / "demo"
     synth(drop_dir, patients=patients, seed=seed, force=True)
     out.print(f"demo drop written to [bold]{drop_dir}[/] (ground truth: {drop_dir}.truth.json)")
-    rebuild([str(drop_dir)])
+    rebuild([str(drop_dir)], overlays=4)
 
 
 @config_app.command("show")

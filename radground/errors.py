@@ -46,3 +46,7 @@ class DeidError(RadgroundError):
 
 class TokenDecodeError(RadgroundError):
     """Model output with grounding tokens is malformed; the message names the problem and its position."""
+
+
+class SegmentationError(RadgroundError):
+    """A segmentation backend cannot run (missing package, weights, or an unusable volume)."""

@@ -164,6 +164,62 @@ class QuarantineRecord(BaseModel):
     ref: str | None = Field(default=None, description="Pseudonymous reference (series/study uid) if known.")
 
 
+class MaskRecord(BaseModel):
+    """One class on one slice, as segmentation found it (the segment stage's table)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image_id: str
+    series_uid: str
+    study_uid: str
+    drop_id: str
+    class_id: int = Field(ge=1)
+    class_name: str
+    area_px: int = Field(gt=0)
+    bbox: list[float] = Field(description="[x1, y1, x2, y2] in pixels, x = column, y = row; x2/y2 exclusive.")
+    rle: str = Field(description="COCO RLE counts (pycocotools, column-major) of the class mask.")
+    rows: int = Field(gt=0)
+    cols: int = Field(gt=0)
+    backend: str = Field(description="Which backend labelled it, e.g. 'classical' or 'classical+sam'.")
+
+
+class GroundingRecord(BaseModel):
+    """A keyword of a report sentence grounded on a slice: its class is mentioned AND present."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image_id: str
+    study_uid: str
+    patient_pseudonym: str
+    drop_id: str
+    language: Literal["de", "en"]
+    sentence_index: int = Field(ge=0)
+    sentence: str
+    keyword: str
+    keyword_start: int = Field(ge=0)
+    keyword_end: int = Field(gt=0)
+    negated: bool
+    class_id: int = Field(ge=1)
+    class_name: str
+    bbox: list[float] = Field(description="[x1, y1, x2, y2] pixels (x = column); x2/y2 exclusive.")
+    rle: str = Field(description="COCO RLE counts of the class mask on this slice.")
+    area_px: int = Field(gt=0)
+    rows: int = Field(gt=0)
+    cols: int = Field(gt=0)
+
+
+class SliceRecord(BaseModel):
+    """A slice kept for the dataset, and why."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image_id: str
+    study_uid: str
+    drop_id: str
+    grounded: bool = Field(description="True: >= 1 grounded pair; False: in the seeded ungrounded sample.")
+    classes_present: list[str] = Field(description="Classes with >= grounding.min_area_px pixels.")
+
+
 def arrow_schema(model: type[BaseModel]) -> pa.Schema:
     """The pyarrow schema of a record model: the writer's, reader's and checks' one source."""
     scalar = {str: pa.string(), int: pa.int64(), float: pa.float64(), bool: pa.bool_(), bytes: pa.binary(),

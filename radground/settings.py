@@ -184,6 +184,43 @@ class VQASettings(_Group):
     free_form: bool = Field(default=True, description="Ask the LLM for free-form items (openai only).")
 
 
+SegmentationBackendName = Literal["classical", "totalsegmentator", "sam", "imported"]
+
+
+class SegmentationSettings(_Group):
+    """Which backends label the slices; several are chained in order."""
+
+    backend: list[SegmentationBackendName] = Field(
+        default=["classical"], min_length=1,
+        description="Chain, in order: each later backend refines or overrides the earlier masks "
+        "(sam refines the previous backend's regions; imported overrides where a drop carries masks).",
+    )
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    totalsegmentator_weights: Path | None = Field(
+        default=None, description="Folder with TotalSegmentator's downloaded weights (TOTALSEG_HOME_DIR); "
+        "nothing is downloaded at run time.")
+    totalsegmentator_fast: bool = Field(default=False, description="The 3 mm 'fast' models.")
+    sam_checkpoint: Path | None = Field(default=None, description="segment-anything / MedSAM checkpoint file.")
+    sam_model: Literal["vit_b", "vit_l", "vit_h"] = "vit_b"
+    sam_min_iou: float = Field(default=0.5, ge=0, le=1, description="Keep a refined mask only if it agrees "
+                               "this well with the coarse one; else keep the coarse mask (and count it).")
+    sam_batch_size: int = Field(default=16, ge=1, description="Box prompts per image embedding call.")
+    masks_folder: str = Field(default="masks", description="Folder of a drop holding imported masks.")
+
+
+class GroundingSettings(_Group):
+    """Per-slice intersection of report keywords with segmentation classes."""
+
+    min_area_px: int = Field(default=50, ge=1, description="A class counts as present with this many pixels.")
+    per_component_boxes: bool = Field(default=False, description="One box per connected component "
+                                      "instead of one per class.")
+    ungrounded_sample: float = Field(default=0.1, ge=0, le=1, description="Share of slices without a "
+                                     "grounded pair kept for the report and VQA tasks (seeded).")
+    seed: int = Field(default=0, ge=0)
+    overlays: int = Field(default=0, ge=0, description="PNG overlays to write per drop (radground rebuild "
+                          "--overlays N).")
+
+
 class Settings(BaseSettings):
     """All of radground's configuration. Build it with :func:`load_settings`."""
 
@@ -206,6 +243,8 @@ class Settings(BaseSettings):
     llm: LLMSettings = LLMSettings()
     translation: TranslationSettings = TranslationSettings()
     vqa: VQASettings = VQASettings()
+    segmentation: SegmentationSettings = SegmentationSettings()
+    grounding: GroundingSettings = GroundingSettings()
     ray: RaySettings = RaySettings()
     prefect: PrefectSettings = PrefectSettings()
 

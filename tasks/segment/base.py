@@ -10,39 +10,14 @@ by name in settings (``segmentation.backend``).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from radground.errors import RadgroundError
+from radground.errors import SegmentationError
+from radground.volume import SeriesVolume
 
-
-@dataclass(frozen=True)
-class SeriesVolume:
-    """One series as the images table holds it, slices sorted along the normal."""
-
-    image_ids: tuple[str, ...]  # (S,)
-    modality: str  # "CT" | "MR"
-    values: np.ndarray  # (S, H, W): CT in HU (int16), MR raw (uint16)
-    orientation: tuple[float, ...]  # ImageOrientationPatient: row cosines (3) then column cosines (3)
-    positions: np.ndarray  # (S, 3) ImagePositionPatient per slice, mm (LPS)
-    spacing: tuple[float, float]  # (row spacing, column spacing), mm
-
-    def __post_init__(self) -> None:
-        if self.values.ndim != 3 or len(self.image_ids) != self.values.shape[0]:
-            raise ValueError(f"values must be (S, H, W) with S = {len(self.image_ids)} image ids; "
-                             f"got shape {self.values.shape}")
-
-    @property
-    def row_direction(self) -> np.ndarray:
-        """Patient-space direction of increasing column index (along a row)."""
-        return np.asarray(self.orientation[:3], dtype=np.float64)
-
-    @property
-    def column_direction(self) -> np.ndarray:
-        """Patient-space direction of increasing row index (down a column)."""
-        return np.asarray(self.orientation[3:], dtype=np.float64)
+__all__ = ["SegmentationBackend", "SegmentationError", "SeriesVolume", "check_mask", "classes_present"]
 
 
 @runtime_checkable
@@ -52,10 +27,6 @@ class SegmentationBackend(Protocol):
     def segment(self, volume: SeriesVolume) -> np.ndarray:
         """(S, H, W) uint8 class ids of the merged label space; 0 = background."""
         ...
-
-
-class SegmentationError(RadgroundError):
-    """A backend cannot run (missing package, weights, or an unusable volume)."""
 
 
 def check_mask(volume: SeriesVolume, mask: np.ndarray, backend: str) -> np.ndarray:

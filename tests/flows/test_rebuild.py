@@ -141,7 +141,10 @@ def test_the_flow_ran_as_prefect_tasks_no_more_than_one_per_series_or_batch(rebu
     # tasks_per_cpu (2) x num_cpus (2) tasks per stage and drop.
     assert count("ingest-shard") == min(a.series, 4) + min(b.series, 4)
     assert count("scan") <= 2 * 4 and count("ingest-reports") == 2 and 2 <= count("curate") <= 2 * 4
-    assert len(names) == count("ingest-shard") + count("scan") + count("ingest-reports") + count("curate")
+    assert count("segment") == count("ingest-shard")  # whole series again: a 3D backend sees each volume once
+    assert 2 <= count("ground") <= 2 * 4
+    stages = ("ingest-shard", "scan", "ingest-reports", "curate", "segment", "ground")
+    assert len(names) == sum(count(stage) for stage in stages)
 
 
 def test_curate_ran_after_ingest_and_wrote_reports_and_vqa(rebuilt):
@@ -173,3 +176,46 @@ def test_the_flow_curates_with_the_openai_backend_against_a_local_server(tmp_pat
     assert statuses == ["translated"] * len(reports), result.curate["quarantine_reasons"]
     vqa = read_table(store, f"curate/{result.ingest.drop_id}/vqa.parquet").to_pylist()
     assert {v["generator"] for v in vqa} == {"template", "llm"} and {v["language"] for v in vqa} == {"de", "en"}
+
+
+def _iou(a, b) -> float:
+    x1, y1, x2, y2 = max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])
+    inter = max(0.0, x2 - x1) * max(0.0, y2 - y1)
+    area = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / area if area else 0.0
+
+
+def test_grounded_boxes_match_the_synthetic_truth_and_sides_never_swap(rebuilt):
+    import hashlib
+
+    from radground.masks import decode_rle
+
+    root, truth, _, settings, results = rebuilt
+    a = results[0]
+    store = open_store(settings)
+    drop_a = root / "drop-a"
+    sha_to_path = {hashlib.sha256(p.read_bytes()).hexdigest(): p.relative_to(drop_a).as_posix()
+                   for p in drop_a.rglob("*") if p.is_file()}
+    truth_boxes = {f["path"]: f["boxes"] for p in truth["patients"] for s in p["studies"] for se in s["series"]
+                   for f in se["files"] if "boxes" in f}
+    images = {r["image_id"]: r for key in store.list(f"ingest/{a.ingest.drop_id}/images/")
+              for r in read_table(store, key).to_pylist()}
+    masks = {(r["image_id"], r["class_name"]) for key in store.list(f"segment/{a.ingest.drop_id}/masks/")
+             for r in read_table(store, key).to_pylist()}
+    groundings = read_table(store, f"ground/{a.ingest.drop_id}/grounding.parquet").to_pylist()
+    assert groundings and a.ground["grounded_pairs"] == len(groundings)
+    ious = []
+    for row in groundings:
+        assert (row["image_id"], row["class_name"]) in masks  # grounded => present in the slice's mask
+        assert decode_rle(row["rle"], row["rows"], row["cols"]).sum() == row["area_px"]
+        boxes = truth_boxes[sha_to_path[images[row["image_id"]]["source_sha256"]]]
+        c0, r0, c1, r1 = boxes[row["class_name"]]  # the truth uses inclusive pixel boxes
+        ious.append(_iou(row["bbox"], [c0, r0, c1 + 1, r1 + 1]))
+        if row["class_name"] in ("lung_left", "lung_right"):  # the other side's truth box must not fit
+            other = "lung_right" if row["class_name"] == "lung_left" else "lung_left"
+            if other in boxes:
+                o0, p0, o1, p1 = boxes[other]
+                assert _iou(row["bbox"], [o0, p0, o1 + 1, p1 + 1]) < 0.2
+    assert min(ious) >= 0.8, sorted(ious)[:5]
+    slices = read_table(store, f"ground/{a.ingest.drop_id}/slices.parquet").to_pylist()
+    assert {s["image_id"] for s in slices if s["grounded"]} == {g["image_id"] for g in groundings}

@@ -1,0 +1,148 @@
+"""The segment stage: run the configured backend chain on whole series, write mask records.
+
+Input: the images shards ingest wrote (one per series). Output: one Parquet object of
+MaskRecords per series under ``segment/<drop_id>/masks/``. A series that a backend
+cannot handle is quarantined with the backend's reason, never dropped silently.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from radground.errors import RadgroundError
+from radground.imaging import pixels_from_bytes
+from radground.schemas import MaskRecord, QuarantineRecord
+from radground.settings import SegmentationSettings, Settings
+from radground.store import open_store
+from radground.tables import read_table, write_table
+from tasks.ground import mask_records
+from tasks.segment.base import SegmentationError, SeriesVolume, check_mask
+
+logger = logging.getLogger(__name__)
+STAGE = "segment"
+
+
+@dataclass
+class SegmentOutcome:
+    """One series' result; PHI-free."""
+
+    series_uid: str
+    study_uid: str
+    modality: str
+    mask_key: str | None
+    slices: int
+    image_ids: tuple[str, ...] = ()
+    classes: Counter = field(default_factory=Counter)  # class name -> slices where present
+    quarantine: list[QuarantineRecord] = field(default_factory=list)
+    stats: dict = field(default_factory=dict)
+
+
+def backend_for(name: str, settings: SegmentationSettings):
+    """The backend (or refiner, for sam) called ``name``."""
+    if name == "classical":
+        from tasks.segment.classical import ClassicalBackend
+
+        return ClassicalBackend()
+    if name == "totalsegmentator":
+        from tasks.segment.totalseg import TotalSegmentatorBackend
+
+        return TotalSegmentatorBackend(settings)
+    if name == "sam":
+        from tasks.segment.sam import SamRefiner
+
+        return SamRefiner(settings)
+    raise SegmentationError(
+        f"segmentation backend {name!r} is not available in this version: choose classical, totalsegmentator "
+        "or sam in segmentation.backend (imported masks are not implemented yet).")
+
+
+def load_volume(table) -> tuple[SeriesVolume, str, str]:
+    """A series' images table as a SeriesVolume (slices in slice_index order)."""
+    rows = sorted(table.to_pylist(), key=lambda r: r["slice_index"])
+    first = rows[0]
+    values = np.stack([pixels_from_bytes(r["pixels"], r["pixel_dtype"], r["rows"], r["cols"]) for r in rows])
+    volume = SeriesVolume(
+        image_ids=tuple(r["image_id"] for r in rows), modality=first["modality"], values=values,  # (S, H, W)
+        orientation=tuple(first["image_orientation"]),
+        positions=np.array([r["image_position"] for r in rows], dtype=np.float64),
+        spacing=(first["row_spacing_mm"], first["col_spacing_mm"]),
+    )
+    return volume, first["series_uid"], first["study_uid"]
+
+
+def run_chain(volume: SeriesVolume, settings: SegmentationSettings) -> tuple[np.ndarray, str, dict]:
+    """Run the backends in order; sam refines what the backend before it found."""
+    mask: np.ndarray | None = None
+    used, stats = [], {}
+    for name in settings.backend:
+        backend = backend_for(name, settings)
+        if name == "sam":
+            if mask is None:
+                raise SegmentationError("segmentation.backend: sam refines another backend's masks; put it after "
+                                        "classical or totalsegmentator, e.g. [classical, sam].")
+            mask, stats["sam"] = backend.refine(volume, mask)
+        else:
+            mask = backend.segment(volume)
+        mask = check_mask(volume, mask, name)
+        used.append(name)
+    return mask, "+".join(used), stats
+
+
+def segment_series(drop_id: str, image_keys: Sequence[str], settings: Settings) -> list[SegmentOutcome]:
+    """Segment each series (given by its images shard key) and write its mask records."""
+    store = open_store(settings)
+    outcomes = []
+    for key in image_keys:
+        volume, series_uid, study_uid = load_volume(read_table(store, key))
+        outcome = SegmentOutcome(series_uid, study_uid, volume.modality, None, len(volume.image_ids),
+                                 image_ids=volume.image_ids)
+        try:
+            labels, backend, outcome.stats = run_chain(volume, settings.segmentation)
+        except RadgroundError as exc:
+            outcome.quarantine.append(QuarantineRecord(
+                drop_id=drop_id, stage=STAGE, item="series", reason="segmentation_failed",
+                detail=str(exc), source_sha256=None, ref=series_uid))
+            outcomes.append(outcome)
+            continue
+        records = mask_records(labels, image_ids=volume.image_ids, series_uid=series_uid, study_uid=study_uid,
+                               drop_id=drop_id, backend=backend, min_area_px=settings.grounding.min_area_px)
+        outcome.mask_key = f"{STAGE}/{drop_id}/masks/{series_uid}.parquet"
+        write_table(store, outcome.mask_key, records, MaskRecord)
+        outcome.classes = Counter(r.class_name for r in records)
+        logger.info("segment series %s: %d slices, %d class masks (%s)", series_uid, outcome.slices,
+                    len(records), backend)
+        outcomes.append(outcome)
+    return outcomes
+
+
+def summarise(drop_id: str, outcomes: Sequence[SegmentOutcome], settings: Settings) -> dict:
+    """Write the stage's quarantine and summary; return the summary."""
+    store = open_store(settings)
+    quarantine = [q for o in outcomes for q in o.quarantine]
+    write_table(store, f"{STAGE}/{drop_id}/quarantine.parquet", quarantine, QuarantineRecord)
+    classes: Counter = sum((o.classes for o in outcomes), Counter())
+    summary = {
+        "drop_id": drop_id,
+        "series": len(outcomes),
+        "series_segmented": sum(1 for o in outcomes if o.mask_key),
+        "series_quarantined": len({q.ref for q in quarantine}),
+        "slices": sum(o.slices for o in outcomes),
+        "backend": "+".join(settings.segmentation.backend),
+        "class_slices": dict(classes.most_common()),
+        "quarantine_reasons": dict(Counter(q.reason for q in quarantine)),
+    }
+    store.put(f"{STAGE}/{drop_id}/summary.json", json.dumps(summary, indent=1, sort_keys=True).encode())
+    return summary
+
+
+def summary_line(summary: dict) -> str:
+    top = ", ".join(f"{name} {n}" for name, n in list(summary["class_slices"].items())[:5])
+    return (f"segment {summary['drop_id']}: {summary['series_segmented']}/{summary['series']} series, "
+            f"{summary['slices']} slices with {summary['backend']}; class slices: {top or 'none'}"
+            + (f"; quarantined: {summary['quarantine_reasons']}" if summary["quarantine_reasons"] else ""))
