@@ -22,6 +22,7 @@ from curate import bench_lexicon  # noqa: E402
 from ingest import bench_ingest  # noqa: E402
 from llm import bench_llm  # noqa: E402
 from sam import bench_sam  # noqa: E402
+from segment import bench_classical  # noqa: E402
 from synth import bench_synth  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -42,7 +43,7 @@ def _machine() -> dict:
 
 BENCHMARKS: dict[str, Callable[[], dict]] = {
     "synth": bench_synth, "ingest": bench_ingest, "lexicon": bench_lexicon, "llm": bench_llm,
-    "sam": bench_sam,
+    "classical": bench_classical, "sam": bench_sam,
 }
 
 
