@@ -44,7 +44,7 @@ def same_work_in_one_process(location: str, settings) -> int:
     from tasks import discover, ingest
 
     reader = discover.DropReader(location, settings)
-    scanned = discover.scan_files(reader, reader.list_files())
+    scanned = discover.scan_files(reader, discover.image_candidates(reader.list_files(), settings)[0])
     drop_id = discover.drop_id_for(discover.read_drop_info(reader), [s.sha256 for s in scanned])
     plan = discover.plan_drop(drop_id, scanned, *discover.read_reports(reader, drop_id), settings)
     outcomes = ingest.ingest_shard(location, plan.series, settings)

@@ -76,13 +76,14 @@ def rebuild_dataset(drops: list[str], settings: Settings) -> list[DropResult]:
     for location in drops:
         started = time.perf_counter()
         reader = discover.DropReader(location, settings)
-        paths = reader.list_files()
+        paths, mask_files = discover.image_candidates(reader.list_files(), settings)
         batches = discover.split_evenly(paths, parts)
         scanned = [item for future in scan_task.map(reader, batches) for item in future.result()]
         info = discover.read_drop_info(reader)
         drop_id = discover.drop_id_for(info, [s.sha256 for s in scanned])
         reports, bad_reports = discover.read_reports(reader, drop_id)
         plan = discover.plan_drop(drop_id, scanned, reports, bad_reports, settings)
+        plan.mask_files = len(mask_files)
         logger.info("discover %s: %d files, %d series planned, %d quarantined so far", drop_id, plan.files_in,
                     len(plan.series), plan.files_quarantined)
 
@@ -109,7 +110,8 @@ def rebuild_dataset(drops: list[str], settings: Settings) -> list[DropResult]:
 
         started = time.perf_counter()
         image_keys = [o.shard_key for o in outcomes if o.shard_key]
-        segmented = [segment_task.submit(drop_id, keys, settings) for keys in discover.split_evenly(image_keys, parts)]
+        segmented = [segment_task.submit(location, drop_id, keys, settings)
+                     for keys in discover.split_evenly(image_keys, parts)]
         series = [o for f in segmented for o in f.result()]
         segment_summary = segment.summarise(drop_id, series, settings)
         logger.info("%s, %.1f s", segment.summary_line(segment_summary), time.perf_counter() - started)

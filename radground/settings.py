@@ -207,6 +207,15 @@ class SegmentationSettings(_Group):
     sam_batch_size: int = Field(default=16, ge=1, description="Box prompts per image embedding call.")
     masks_folder: str = Field(default="masks", description="Folder of a drop holding imported masks.")
 
+    @field_validator("backend")
+    @classmethod
+    def _sam_refines_something(cls, value: list[str]) -> list[str]:
+        if value and value[0] == "sam":
+            raise ValueError("sam refines another backend's masks; put it after one, e.g. [classical, sam]")
+        if len(set(value)) != len(value):
+            raise ValueError("each backend may appear once in the chain")
+        return value
+
 
 class GroundingSettings(_Group):
     """Per-slice intersection of report keywords with segmentation classes."""

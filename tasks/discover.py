@@ -129,12 +129,23 @@ _OTHER_KEYWORDS = ("InstitutionName", "InstitutionAddress", "PatientAddress", "S
                    "InstitutionalDepartmentName")
 
 
+def image_candidates(paths: Sequence[str], settings: Settings) -> tuple[list[str], list[str]]:
+    """Split a drop's files: candidate images vs. imported masks (the masks folder).
+
+    reports.csv and drop.yaml at the top are neither; everything else is a candidate
+    image, which is either accepted as a slice or quarantined with a reason.
+    """
+    folder = settings.segmentation.masks_folder.strip("/") + "/"
+    masks = [p for p in paths if p.startswith(folder)]
+    images = [p for p in paths if not p.startswith(folder) and p not in (REPORTS_FILE, DROP_INFO_FILE)]
+    return images, masks
+
+
 def scan_files(reader: DropReader, paths: Sequence[str]) -> list[FileHeader | Rejection]:
     """Read the header of each file; a file that cannot be used becomes a Rejection."""
     studies_seen: set[str] = set()
     with quiet_dicom():  # the header values read below are used in memory only
-        return [_scan_one(path, reader.read(path), studies_seen) for path in paths
-                if Path(path).name not in (REPORTS_FILE, DROP_INFO_FILE)]
+        return [_scan_one(path, reader.read(path), studies_seen) for path in paths]
 
 
 def read_dataset(data: bytes, **options) -> tuple[pydicom.Dataset, bool]:
@@ -304,6 +315,7 @@ class DropPlan:
     reports: list[ReportJob] = field(default_factory=list)
     reports_in: int = 0
     quarantine: list[QuarantineRecord] = field(default_factory=list)
+    mask_files: int = 0  # files of the masks folder, for the imported segmentation backend
 
     @property
     def files_quarantined(self) -> int:

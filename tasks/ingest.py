@@ -224,12 +224,14 @@ class IngestSummary:
     reports: int
     reports_quarantined: int
     quarantine_reasons: dict[str, int]
+    mask_files: int = 0
 
     def line(self) -> str:
         reasons = ", ".join(f"{n} {r}" for r, n in sorted(self.quarantine_reasons.items()))
         return (f"ingest {self.drop_id}: {self.files_in} files in = {self.slices} slices + "
                 f"{self.files_quarantined} quarantined; {self.series} series; reports {self.reports}/"
-                f"{self.reports_in} ok" + (f" (quarantine: {reasons})" if reasons else ""))
+                f"{self.reports_in} ok" + (f" (quarantine: {reasons})" if reasons else "")
+                + (f"; {self.mask_files} mask files for the imported backend" if self.mask_files else ""))
 
 
 def finish_ingest(plan: DropPlan, outcomes: Sequence[SeriesOutcome], reports: Sequence[ReportRecord],
@@ -248,6 +250,7 @@ def finish_ingest(plan: DropPlan, outcomes: Sequence[SeriesOutcome], reports: Se
         series=sum(1 for o in outcomes if o.slices), reports_in=plan.reports_in, reports=len(reports),
         reports_quarantined=reports_quarantined,
         quarantine_reasons=dict(Counter(q.reason for q in quarantine)),
+        mask_files=plan.mask_files,
     )
     store = open_store(settings)
     prefix = stage_prefix(plan.drop_id)

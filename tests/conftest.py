@@ -161,7 +161,7 @@ def run_ingest():
 
     def run(location: str, settings):
         reader = discover.DropReader(location, settings)
-        scanned = discover.scan_files(reader, reader.list_files())
+        scanned = discover.scan_files(reader, discover.image_candidates(reader.list_files(), settings)[0])
         drop_id = discover.drop_id_for(discover.read_drop_info(reader), [s.sha256 for s in scanned])
         reports, bad = discover.read_reports(reader, drop_id)
         plan = discover.plan_drop(drop_id, scanned, reports, bad, settings)

@@ -57,9 +57,8 @@ def backend_for(name: str, settings: SegmentationSettings):
         from tasks.segment.sam import SamRefiner
 
         return SamRefiner(settings)
-    raise SegmentationError(
-        f"segmentation backend {name!r} is not available in this version: choose classical, totalsegmentator "
-        "or sam in segmentation.backend (imported masks are not implemented yet).")
+    raise SegmentationError(f"segmentation backend {name!r} is unknown: choose from classical, totalsegmentator, "
+                            "sam, imported in segmentation.backend.")
 
 
 def load_volume(table) -> tuple[SeriesVolume, str, str]:
@@ -76,12 +75,21 @@ def load_volume(table) -> tuple[SeriesVolume, str, str]:
     return volume, first["series_uid"], first["study_uid"]
 
 
-def run_chain(volume: SeriesVolume, settings: SegmentationSettings) -> tuple[np.ndarray, str, dict]:
-    """Run the backends in order; sam refines what the backend before it found."""
+def run_chain(volume: SeriesVolume, settings: Settings, location: str, series_uid: str
+              ) -> tuple[np.ndarray, str, dict]:
+    """Run the backends in order: sam refines, imported overrides what the backends before found."""
     mask: np.ndarray | None = None
     used, stats = [], {}
-    for name in settings.backend:
-        backend = backend_for(name, settings)
+    for name in settings.segmentation.backend:
+        if name == "imported":
+            from tasks.segment.imported import ImportedBackend
+
+            imported = ImportedBackend(location, settings)
+            mask = (imported.segment(volume, series_uid) if mask is None
+                    else imported.override(volume, series_uid, mask))
+            used.append(name)
+            continue
+        backend = backend_for(name, settings.segmentation)
         if name == "sam":
             if mask is None:
                 raise SegmentationError("segmentation.backend: sam refines another backend's masks; put it after "
@@ -94,7 +102,8 @@ def run_chain(volume: SeriesVolume, settings: SegmentationSettings) -> tuple[np.
     return mask, "+".join(used), stats
 
 
-def segment_series(drop_id: str, image_keys: Sequence[str], settings: Settings) -> list[SegmentOutcome]:
+def segment_series(location: str, drop_id: str, image_keys: Sequence[str], settings: Settings
+                   ) -> list[SegmentOutcome]:
     """Segment each series (given by its images shard key) and write its mask records."""
     store = open_store(settings)
     outcomes = []
@@ -103,7 +112,7 @@ def segment_series(drop_id: str, image_keys: Sequence[str], settings: Settings) 
         outcome = SegmentOutcome(series_uid, study_uid, volume.modality, None, len(volume.image_ids),
                                  image_ids=volume.image_ids)
         try:
-            labels, backend, outcome.stats = run_chain(volume, settings.segmentation)
+            labels, backend, outcome.stats = run_chain(volume, settings, location, series_uid)
         except RadgroundError as exc:
             outcome.quarantine.append(QuarantineRecord(
                 drop_id=drop_id, stage=STAGE, item="series", reason="segmentation_failed",
