@@ -50,3 +50,7 @@ class TokenDecodeError(RadgroundError):
 
 class SegmentationError(RadgroundError):
     """A segmentation backend cannot run (missing package, weights, or an unusable volume)."""
+
+
+class QualityGateError(RadgroundError):
+    """A table-level quality gate was crossed (too many rows quarantined, nothing grounded)."""
