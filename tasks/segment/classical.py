@@ -1,36 +1,39 @@
-"""Classical CT segmentation from Hounsfield units and geometry alone: no weights, CPU only.
+"""Classical CT segmentation from Hounsfield units and geometry alone: no weights, CPU, numpy/scipy.
 
-What it finds (merged label space of radground.labels), axial CT only:
-- body outline (internal; the label space has no body class): per slice the largest
-  component above -500 HU after a ~3 mm opening (detaches table and blankets), holes filled.
-  Where the patient is cut by the field of view, the image edges the body covers (>= 20 %)
-  count as closed, so lungs cut by a zoomed FOV are still "inside".
-- lung_left (118) / lung_right (119), the generic MR classes: lobes cannot be told apart by
-  HU. Air (< -400 HU, smoothed) inside the body, in per-slice components. Rejected: pure gas
-  (> 50 % of pixels below -950 HU: outside air, trachea, bowel gas, pneumothorax - aerated
-  lung is air mixed with tissue and blood, about -900..-700 HU), pieces < 1 cm2, and midline
-  tubes < 8 cm2 (trachea, main bronchi). A kept piece must belong to a 3D component (across
-  slices) whose largest cross-section is >= 10 cm2 and which, on that slice, reaches
-  posterior to the front of the vertebral body (lungs always fill the paravertebral gutters;
-  bowel does not). The SIDE comes from the orientation: each pixel's patient x (LPS, +x =
-  patient left) is computed from ImageOrientationPatient, relative to the midline (the
-  vertebral body if found, else the body centre); prone or flipped series need no special case.
-  A piece straddling the midline (bronchi, a merged anterior junction) is split pixel-wise.
-- vertebrae (121, generic): dense bone (> 450 HU smoothed: cortex) closed and hole-filled
-  (marrow), plus > 200 HU bone within 3 mm of it. Per slice the thickest bone piece (inscribed
-  radius >= 6 mm) whose core is within 35 mm of the midline and posterior to the body centre
-  (checked only where the FOV shows the whole body), not a skull (filled area <= 35 % of the
-  body), clipped to 50 mm lateral of its core (attached rib heads). Levels (C1..S1) are not
-  counted: a partial scan has no landmark to count from.
-- aorta (52), contrast-enhanced only: a round (fill >= 0.6 of its box ellipse) 150-500 HU
-  component of 15-40 mm diameter, outside bone, 0-60 mm anterior of the vertebral body and
-  15 mm right to 50 mm left of its core; the one closest to the vertebral core wins.
-What it cannot (documented, not claimed): ribs (thin bone lateral/anterior, no generic rib
-class and no robust numbering), sternum, heart, liver, spleen, kidneys (soft-tissue contrast
-overlaps; no test shows a rule working on both the synthetic drop and real CT), an unenhanced
-aorta (blood ~40 HU like muscle), lungs with severe emphysema (parenchyma below -950 HU reads
-as pure gas), osteoporotic vertebrae whose cortex stays below 450 HU, non-axial series
-(the positional rules are axial; they get an all-zero mask), and MR (no HU: all zeros).
+Finds on axial CT, per slice (vectorised), with 3D links across slices where they help:
+- lung_left (118) / lung_right (119), the generic MR classes (lobes are not separable by HU):
+  aerated tissue (< -400 HU) that is not pure gas (smoothed < -950 HU, plus its 2.5 mm
+  partial-volume rim: outside air, trachea, bowel gas, sinuses). A seed piece is thick (a 3 mm
+  disk fits), >= 90 % inside the body, not at the back surface (mattress, table foam), not a
+  small midline tube (trachea < 8 cm2), and in a 3D component (pieces within 5 mm on
+  neighbouring slices) that reaches 5 cm2 and, where a vertebra was found, extends behind the
+  vertebral body's front (lungs fill the paravertebral gutters; bowel does not). Thin, small
+  or partly outside pieces (diaphragm dome, behind a rib, a bulge through a thin chest wall)
+  join a lung within 5 mm on the slice or covering them on a neighbouring slice. The SIDE
+  comes from ImageOrientationPatient only: every pixel's patient x (LPS, + = patient left)
+  against the midline (vertebral core, else body centre), so prone or flipped series need no
+  special case; a piece straddling the midline is split per pixel.
+- vertebrae (121, generic): > 200 HU pieces holding cortex (> 450 HU), holes filled; per slice
+  the thickest (inscribed radius >= 6 mm), near the midline and in the posterior half where
+  the FOV shows the whole body, not on a head slice (bone > 18 % of the section), continuous
+  across slices; plus arch pieces up to 90 mm behind; clipped 50 mm either side (rib heads)
+  and, in front, to the vertebral body's ellipse (an aorta resting on it). Levels (C1..S1) are
+  not counted: a partial scan has no landmark to count from.
+- aorta (52), i.v. contrast only: the inscribed disk (12-40 mm) of 130-500 HU non-bone tissue
+  nearest the vertebral core, anterior of it, 15 mm right to 50 mm left. A fitted disk, not a
+  component, stays apart from a touching kidney or IVC of the same density.
+- body outline (body_outline; no class in the label space): per slice the largest component
+  above -500 HU, holes filled, OR its convex hull; edges the body covers (>= 20 %) count as
+  closed, since a zoomed FOV cuts the patient.
+
+Cannot, so never claims: ribs (no generic rib class; numbering needs the whole cage), sternum,
+heart, liver, spleen, kidneys (soft-tissue HU overlap; no rule shown to work on both the
+synthetic drop and real CT), an unenhanced aorta (blood ~40 HU, like muscle), the aortic arch
+(not round in axial slices). Weak spots: emphysema below -950 HU (holes in the lung mask),
+osteoporotic vertebrae whose cortex stays below 450 HU, a thoracic aorta wider than the
+vertebral body (the core may jump to it), stool-gas mixtures behind the vertebral front on
+slices without lung. Non-axial series (the positional rules are axial) and MR (no HU) get
+all zeros. Memory: a few float32 and bool copies of the body's bounding box.
 """
 
 from __future__ import annotations
@@ -53,8 +56,8 @@ LUNG_RIGHT = _LABELS.by_name("lung_right").id  # 119
 VERTEBRAE = _LABELS.by_name("vertebrae").id  # 121
 AORTA = _LABELS.by_name("aorta").id  # 52
 
-# In-plane connectivity only: the slice gap can be 20 mm, so per-slice work must not leak
-# across slices; 3D steps use _FACES explicitly.
+# Per-slice work must not leak across slices (they can be 20 mm apart): in-plane structures;
+# 3D steps use _FACES explicitly.
 _PLANE = np.zeros((3, 3, 3), dtype=bool)
 _PLANE[1] = True
 _FACES = ndimage.generate_binary_structure(3, 1)
@@ -63,12 +66,12 @@ _PLANE_CROSS = _FACES & _PLANE
 
 @dataclass(frozen=True)
 class ClassicalSettings:
-    """Thresholds in HU and mm; the defaults are textbook CT numbers, not fitted to a phantom."""
+    """Thresholds in HU (textbook CT numbers) and sizes in mm / cm2 (anatomical rules of thumb)."""
 
     body_hu: float = -500.0
     air_hu: float = -400.0
-    gas_hu: float = -950.0  # pure gas reads below this; aerated lung above (emphysema: partly below)
-    parenchyma_hu: float = -700.0  # upper end of clean lung parenchyma
+    gas_hu: float = -950.0  # pure gas below; aerated lung above (emphysema partly below)
+    parenchyma_hu: float = -700.0  # clean lung parenchyma lies in gas_hu..parenchyma_hu
     bone_hu: float = 200.0
     cortex_hu: float = 450.0
     contrast_hu: tuple[float, float] = (130.0, 500.0)
@@ -79,7 +82,37 @@ class ClassicalSettings:
     trachea_offset_mm: float = 25.0
     min_vertebra_radius_mm: float = 6.0
     spine_offset_mm: float = 35.0
-    aorta_diameter_mm: tuple[float, float] = (15.0, 40.0)
+    aorta_diameter_mm: tuple[float, float] = (12.0, 40.0)
+
+
+@dataclass(frozen=True)
+class _Grid:
+    """Patient-plane coordinates of the pixels, from the orientation alone."""
+
+    px: np.ndarray  # (H, W) mm towards patient LEFT, relative to pixel (0, 0)
+    py: np.ndarray  # (H, W) mm towards patient POSTERIOR
+    spacing: tuple[float, float]  # (row, column) mm
+
+    @property
+    def px_mm(self) -> float:
+        return min(self.spacing)
+
+    @property
+    def cell_cm2(self) -> float:
+        return self.spacing[0] * self.spacing[1] / 100.0
+
+    def distance(self, mask: np.ndarray, edge_is_outside: bool = False) -> np.ndarray:
+        """(S, H, W) float32 in-plane distance (mm) from each True pixel to the nearest False one,
+        slice by slice (a 3D transform holds four int32 copies of the volume); with
+        edge_is_outside the image edge counts as False; an all-True slice reads +inf."""
+        out = np.full(mask.shape, np.inf, dtype=np.float32)
+        pad = int(edge_is_outside)
+        inner = (slice(pad, -pad or None),) * 2
+        for k, plane in enumerate(mask):
+            plane = np.pad(plane, pad)
+            if not plane.all():
+                out[k] = ndimage.distance_transform_edt(plane, sampling=self.spacing)[inner]
+        return out
 
 
 class ClassicalBackend:
@@ -94,24 +127,44 @@ class ClassicalBackend:
         """(S, H, W) uint8 class ids; all zeros for MR and non-axial series."""
         started = time.perf_counter()
         mask = np.zeros(volume.values.shape, dtype=np.uint8)
-        normal = np.cross(volume.row_direction, volume.column_direction)
-        if volume.modality != "CT" or mask.size == 0 or abs(normal[2]) < 0.7:
-            log.debug("classical: %s series, normal %s: nothing to find (CT axial only)", volume.modality, normal)
+        if not _axial_ct(volume):
+            log.debug("classical: %s series with orientation %s: nothing to find (axial CT only)",
+                      volume.modality, volume.orientation)
             return check_mask(volume, mask, self.name)
         _segment_ct(volume, self.settings, mask)
         found = {name: int((mask == cid).any(axis=(1, 2)).sum()) for name, cid in
                  (("lung_left", LUNG_LEFT), ("lung_right", LUNG_RIGHT), ("vertebrae", VERTEBRAE), ("aorta", AORTA))}
-        log.info("classical: %d slices, slices per class %s, %.2f s", mask.shape[0], found,
-                 time.perf_counter() - started)
+        log.info("classical: %d slices, slices with %s, %.2f s", mask.shape[0], found, time.perf_counter() - started)
         return check_mask(volume, mask, self.name)
+
+
+def body_outline(volume: SeriesVolume, settings: ClassicalSettings | None = None) -> np.ndarray:
+    """(S, H, W) bool: the body with holes (lungs, gas) filled and its hull; all False unless axial CT.
+
+    The label space has no body class; this is the backend's own notion of "inside", for QC.
+    """
+    if not _axial_ct(volume):
+        return np.zeros(volume.values.shape, dtype=bool)
+    cfg = settings or ClassicalSettings()
+    return _body(_smoothed(volume, cfg)[1], cfg)[1]
+
+
+def _axial_ct(volume: SeriesVolume) -> bool:
+    normal = np.cross(volume.row_direction, volume.column_direction)
+    return volume.modality == "CT" and volume.values.size > 0 and abs(normal[2]) >= 0.7
+
+
+def _smoothed(volume: SeriesVolume, cfg: ClassicalSettings) -> tuple[np.ndarray, np.ndarray]:
+    """HU as float32 and smoothed in-plane by a cfg.smooth_mm Gaussian, both (S, H, W)."""
+    spacing = np.array([float(s) if s and s > 0 else 1.0 for s in volume.spacing])
+    hu = volume.values.astype(np.float32)
+    return hu, ndimage.gaussian_filter(hu, sigma=(0.0, *(cfg.smooth_mm / spacing)))
 
 
 def _disk(radius_px: float) -> np.ndarray:
     r = max(1, int(round(radius_px)))
     yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
-    out = np.zeros((1, 2 * r + 1, 2 * r + 1), dtype=bool)  # (1, k, k): in-plane only
-    out[0] = xx**2 + yy**2 <= radius_px**2 + 0.5
-    return out
+    return (xx**2 + yy**2 <= max(radius_px, 1.0) ** 2 + 0.5)[None]  # (1, k, k): in-plane only
 
 
 def _slice_of(labels: np.ndarray, n: int) -> np.ndarray:
@@ -134,12 +187,22 @@ def _best_per_slice(z: np.ndarray, score: np.ndarray, valid: np.ndarray, slices:
     return best
 
 
+def _group_max(keys: np.ndarray, values: np.ndarray, n: int) -> np.ndarray:
+    """Per key 0..n-1 the maximum of values (-inf where none); sort + reduceat (ufunc.at is slow)."""
+    out = np.full(n, -np.inf)
+    if keys.size:
+        order = np.argsort(keys, kind="stable")
+        k, v = keys[order], values[order]
+        starts = np.flatnonzero(np.r_[True, k[1:] != k[:-1]])
+        out[k[starts]] = np.maximum.reduceat(v, starts)
+    return out
+
+
 def _label_max(values: np.ndarray, labels: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per label 0..n: the maximum of values and the flat index of one pixel holding it (labelled pixels only)."""
+    """Per label 0..n: the maximum of values and the flat index of a pixel holding it (labelled pixels only)."""
     fg = np.flatnonzero(labels)
     lab, v = labels.ravel()[fg], values.ravel()[fg]
-    top = np.full(n + 1, -np.inf)
-    np.maximum.at(top, lab, v)
+    top = _group_max(lab, v, n + 1)
     hit = v == top[lab]
     ids, first = np.unique(lab[hit], return_index=True)
     where = np.zeros(n + 1, dtype=np.int64)
@@ -148,127 +211,126 @@ def _label_max(values: np.ndarray, labels: np.ndarray, n: int) -> tuple[np.ndarr
 
 
 class _Stats:
-    """Per-label pixel count, mean and extent of the patient-plane coordinates (one pass each)."""
+    """Per-label pixel count, slice, mean patient x/y and posterior-most y (labelled pixels only)."""
 
-    def __init__(self, labels: np.ndarray, n: int, px: np.ndarray, py: np.ndarray) -> None:
-        flat = labels.ravel()
-        self.count = np.bincount(flat, minlength=n + 1).astype(np.float64)
-        safe = np.maximum(self.count, 1)
-        x3, y3 = (np.broadcast_to(a, labels.shape).ravel() for a in (px, py))
-        self.x = np.bincount(flat, weights=x3, minlength=n + 1) / safe
-        self.y = np.bincount(flat, weights=y3, minlength=n + 1) / safe
-        self.x_max, self.y_max = (_label_max(a, labels, n)[0] for a in (x3, y3))
-        self.x_min, self.y_min = (-_label_max(-a, labels, n)[0] for a in (x3, y3))
+    def __init__(self, labels: np.ndarray, n: int, grid: _Grid) -> None:
+        fg = np.flatnonzero(labels)
+        lab = labels.ravel()[fg]
+        in_plane = fg % grid.px.size
+        xs, ys = grid.px.ravel()[in_plane], grid.py.ravel()[in_plane]
+        self.count = np.bincount(lab, minlength=n + 1).astype(np.float64)
+        self.count[0] = labels.size - fg.size
+        self.x = np.bincount(lab, weights=xs, minlength=n + 1) / np.maximum(self.count, 1)
+        self.y = np.bincount(lab, weights=ys, minlength=n + 1) / np.maximum(self.count, 1)
+        self.y_max = _group_max(lab, ys, n + 1)
         self.z = _slice_of(labels, n)
+
+    def mean(self, labels: np.ndarray, values: np.ndarray) -> np.ndarray:
+        sums = np.bincount(labels.ravel(), weights=values.ravel(), minlength=len(self.count))
+        return sums / np.maximum(self.count, 1)
 
 
 def _segment_ct(volume: SeriesVolume, cfg: ClassicalSettings, mask: np.ndarray) -> None:
-    slices, height, width = volume.values.shape
-    row_mm, col_mm = (float(s) if s and s > 0 else 1.0 for s in volume.spacing)
-    px_mm = min(row_mm, col_mm)
-    hu = volume.values.astype(np.float32)
-    sigma = cfg.smooth_mm / np.array([row_mm, col_mm])
-    smooth = ndimage.gaussian_filter(hu, sigma=(0.0, *sigma))
-    # Patient-plane coordinates (mm) of each pixel from the orientation, relative to pixel
-    # (0, 0): px grows towards patient LEFT, py towards POSTERIOR (LPS), whatever the in-plane
-    # flip or rotation, so no rule below assumes where the patient lies in the image.
-    i = np.arange(height, dtype=np.float64)[:, None] * row_mm
-    j = np.arange(width, dtype=np.float64)[None, :] * col_mm
+    spacing = tuple(float(s) if s and s > 0 else 1.0 for s in volume.spacing)
+    hu_full, smooth_full = _smoothed(volume, cfg)
+    body_full, inside_full, cut = _body(smooth_full, cfg)
+    if not body_full.any():
+        return
+    # Everything else happens inside the body's bounding box (+ 16 px), which saves half the work.
+    rows, cols = np.flatnonzero(inside_full.any(axis=(0, 2))), np.flatnonzero(inside_full.any(axis=(0, 1)))
+    box = (slice(None), slice(max(rows[0] - 16, 0), rows[-1] + 17), slice(max(cols[0] - 16, 0), cols[-1] + 17))
+    hu, smooth, body, inside = hu_full[box], smooth_full[box], body_full[box], inside_full[box]
+    i = np.arange(hu.shape[1], dtype=np.float64)[:, None] * spacing[0]
+    j = np.arange(hu.shape[2], dtype=np.float64)[None, :] * spacing[1]
     r, c = volume.row_direction, volume.column_direction
-    px, py = j * r[0] + i * c[0], j * r[1] + i * c[1]  # (H, W) each
-    cell_cm2 = row_mm * col_mm / 100.0
+    grid = _Grid(px=(j * r[0] + i * c[0]).astype(np.float32), py=(j * r[1] + i * c[1]).astype(np.float32),
+                 spacing=spacing)
 
-    body, inside, cut = _body(smooth, cfg)
-    b_count = np.maximum(body.sum(axis=(1, 2)), 1)
-    body_x = (body * px).sum(axis=(1, 2)) / b_count  # (S,)
-    body_y = (body * py).sum(axis=(1, 2)) / b_count
-    inside_cm2 = inside.sum(axis=(1, 2)) * cell_cm2
-    # Along which image axis patient x / y run decides which cut edges hide the midline / AP centre.
-    lr_cut = cut[:, 2:].any(axis=1) if abs(r[0]) >= abs(c[0]) else cut[:, :2].any(axis=1)
-    ap_cut = cut[:, :2].any(axis=1) if abs(r[0]) >= abs(c[0]) else cut[:, 2:].any(axis=1)
-    # The image edge on the patient's posterior side (top, bottom, left, right: 0..3).
-    back_edge = (1 if c[1] > 0 else 0) if abs(c[1]) >= abs(r[1]) else (3 if r[1] > 0 else 2)
+    fg = np.flatnonzero(body)
+    count = np.maximum(np.bincount(fg // grid.px.size, minlength=len(body)), 1)
+    body_x, body_y = (np.bincount(fg // grid.px.size, weights=a.ravel()[fg % a.size], minlength=len(body)) / count
+                      for a in (grid.px, grid.py))  # (S,) body centre
+    # Which cut edges hide the left-right / front-back extent depends on the axis patient x runs along.
+    x_on_rows = abs(r[0]) >= abs(c[0])
+    lr_cut = cut[:, 2:].any(axis=1) if x_on_rows else cut[:, :2].any(axis=1)
+    ap_cut = cut[:, :2].any(axis=1) if x_on_rows else cut[:, 2:].any(axis=1)
+    back_edge = (1 if c[1] > 0 else 0) if abs(c[1]) >= abs(r[1]) else (3 if r[1] > 0 else 2)  # top/bottom/left/right
 
-    bone, spine, core = _vertebrae(smooth, inside, cfg, (row_mm, col_mm), px, py,
-                                   body_x, body_y, inside_cm2, lr_cut, ap_cut)
+    bone, spine, core = _vertebrae(smooth, inside, cfg, grid, body_x, body_y, lr_cut, ap_cut)
     has_spine = ~np.isnan(core[:, 0])
-    midline = np.where(has_spine, core[:, 0], np.nan)
-    fallback = np.nanmedian(midline) if has_spine.any() else None
-    midline = np.where(has_spine, midline, body_x if fallback is None else fallback)
-    midline = np.where(~has_spine & ~lr_cut, body_x, midline)
+    midline = body_x.copy()  # patient x of the midline per slice
+    if has_spine.any():
+        midline[lr_cut] = np.median(core[has_spine, 0])
+        midline[has_spine] = core[has_spine, 0]
+    body_back = _group_max(fg // grid.py.size, grid.py.ravel()[fg % grid.py.size], len(body))  # (S,)
+    back = np.where(cut[:, back_edge], np.inf, body_back)  # unknown where the FOV cuts the back
 
-    body_back = np.where(body, py[None], -np.inf).max(axis=(1, 2))  # most posterior body point (S,)
-    lungs = _lungs(hu, smooth, inside, bone, spine, cfg, cell_cm2, px_mm, px, py, midline, core, has_spine, body_back,
-                   ~cut[:, back_edge])
-    mask[lungs > 0] = np.where(lungs[lungs > 0] == 1, LUNG_LEFT, LUNG_RIGHT)
-    mask[spine] = VERTEBRAE
-    mask[_aorta(smooth, inside, cfg, (row_mm, col_mm), px, py, core)] = AORTA
+    sides = _lungs(hu, smooth, inside, bone & ~spine, cfg, grid, midline, core, back)
+    out = np.zeros(hu.shape, dtype=np.uint8)
+    out[sides == 1] = LUNG_LEFT
+    out[sides == 2] = LUNG_RIGHT
+    out[spine] = VERTEBRAE
+    out[_aorta(smooth, inside, cfg, grid, core)] = AORTA
+    mask[box] = out
 
 
-def _body(smooth: np.ndarray, cfg: ClassicalSettings) -> tuple[np.ndarray, ...]:
-    """Body (S, H, W), body with holes filled (S, H, W), and which edges cut it (S, 4: top, bottom, left, right)."""
-    slices = smooth.shape[0]
+def _body(smooth: np.ndarray, cfg: ClassicalSettings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Body and inside (holes filled OR hull), both (S, H, W); edges cutting the body (S, 4: top/bottom/left/right)."""
     labels, n = ndimage.label(smooth > cfg.body_hu, structure=_PLANE)
-    body = np.zeros(smooth.shape, dtype=bool)
-    if n:
-        counts = np.bincount(labels.ravel(), minlength=n + 1)
-        best = _best_per_slice(_slice_of(labels, n), counts, counts > 0, slices)
-        keep = np.zeros(n + 1, dtype=bool)
-        keep[best[best > 0]] = True
-        body = keep[labels]
+    counts = np.bincount(labels.ravel(), minlength=n + 1)
+    best = _best_per_slice(_slice_of(labels, n), counts, counts > 0, smooth.shape[0])
+    keep = np.zeros(n + 1, dtype=bool)
+    keep[best[best > 0]] = True
+    body = keep[labels]
     edges = (body[:, 0, :], body[:, -1, :], body[:, :, 0], body[:, :, -1])
     cut = np.stack([e.mean(axis=1) >= 0.2 for e in edges], axis=1)  # (S, 4)
-    framed = body.copy()  # a field of view cutting the patient counts as closed there
+    framed = body.copy()  # where the field of view cuts the patient, the edge closes the outline
     framed[cut[:, 0], 0, :] = True
     framed[cut[:, 1], -1, :] = True
     framed[cut[:, 2], :, 0] = True
     framed[cut[:, 3], :, -1] = True
-    inside = ndimage.binary_fill_holes(framed, structure=_PLANE) | _hull(body)
-    return body, inside, cut
+    return body, ndimage.binary_fill_holes(framed, structure=_PLANE) | _hull(body), cut
 
 
 def _hull(mask: np.ndarray, directions: int = 8) -> np.ndarray:
-    """Per slice, a 2*directions-gon around the mask's convex hull (support lines every 180/directions deg).
-
-    Lungs touching the skin (a breached outline) still lie within it; a mattress under a
-    flat back does not.
-    """
-    slices, height, width = mask.shape
-    i = np.arange(height, dtype=np.float32)[:, None]
-    j = np.arange(width, dtype=np.float32)[None, :]
-    hull = mask.any(axis=(1, 2))[:, None, None] & np.ones(mask.shape, dtype=bool)
+    """Per slice a 2*directions-gon around the mask's convex hull: a lung bulging through a thin
+    chest wall is still within it, a mattress under a flat back is not."""
+    i = np.arange(mask.shape[1], dtype=np.float32)[:, None]
+    j = np.arange(mask.shape[2], dtype=np.float32)[None, :]
+    fg = np.flatnonzero(mask)
+    z, fi, fj = fg // i.size // j.size, fg // j.size % i.size, fg % j.size
+    hull = np.broadcast_to(mask.any(axis=(1, 2))[:, None, None], mask.shape).copy()
     for theta in np.arange(directions) * np.pi / directions:
-        proj = np.float32(np.cos(theta)) * i + np.float32(np.sin(theta)) * j  # (H, W)
-        lo = np.where(mask, proj, np.inf).min(axis=(1, 2))[:, None, None]
-        hi = np.where(mask, proj, -np.inf).max(axis=(1, 2))[:, None, None]
-        hull &= (proj >= lo - 0.5) & (proj <= hi + 0.5)
+        cos, sin = np.float32(np.cos(theta)), np.float32(np.sin(theta))
+        proj = cos * fi + sin * fj  # support of the mask's pixels along this direction
+        hi = _group_max(z, proj, len(mask))[:, None, None]
+        lo = -_group_max(z, -proj, len(mask))[:, None, None]
+        plane = cos * i + sin * j  # (H, W)
+        hull &= (plane >= lo - 0.5) & (plane <= hi + 0.5)
     return hull
 
 
-def _vertebrae(smooth, inside, cfg, spacing, px, py, body_x, body_y, inside_cm2, lr_cut, ap_cut):
-    """All bone (S, H, W), the vertebral column (S, H, W) and its core per slice (S, 3: x, y, radius mm; NaN: none)."""
+def _vertebrae(smooth, inside, cfg, grid, body_x, body_y, lr_cut, ap_cut):
+    """All bone (S, H, W), the vertebral column (S, H, W), its core per slice (S, 3: x, y, radius mm; NaN: none)."""
     slices = smooth.shape[0]
-    cell_cm2 = spacing[0] * spacing[1] / 100.0
     core = np.full((slices, 3), np.nan)
-    # Bone: > 200 HU pieces holding some cortex (> 450 HU): trabecular bone and its marrow
-    # read 150-400 HU, like an enhanced vessel, which has no cortex.
+    # Bone: > 200 HU pieces holding some cortex (> 450 HU). Trabecular bone reads 150-400 HU
+    # like an enhanced vessel, which has no cortex.
     labels, n = ndimage.label((smooth > cfg.bone_hu) & inside, structure=_PLANE)
     dense = np.bincount(labels.ravel(), weights=(smooth > cfg.cortex_hu).ravel(), minlength=n + 1)
     dense[0] = 0
     bone = ndimage.binary_fill_holes((dense > 0)[labels], structure=_PLANE)
     labels, n = ndimage.label(bone, structure=_PLANE)
     if not n:
-        return bone, np.zeros_like(bone), core
-    # Inscribed radius per pixel, in-plane only: a huge z sampling keeps other slices out of reach.
-    edt = ndimage.distance_transform_edt(bone, sampling=(1e6, *spacing))
-    stats = _Stats(labels, n, px, py)
-    radius, where = _label_max(edt, labels, n)
+        return bone, bone.copy(), core
+    stats = _Stats(labels, n, grid)
+    radius, where = _label_max(grid.distance(bone, edge_is_outside=True), labels, n)  # inscribed radius, mm
     _, ci, cj = np.unravel_index(where, labels.shape)
-    cx, cy = px[ci, cj], py[ci, cj]
-    z = stats.z
-    # A head slice: the skull makes > 18 % of a whole (uncut) cross-section bone; a torso,
-    # pelvis included, stays near 3-12 %. No vertebra is looked for there.
-    skull = ~(lr_cut | ap_cut) & (bone.sum(axis=(1, 2)) * cell_cm2 > 0.18 * inside_cm2)
+    cx, cy, z = grid.px[ci, cj], grid.py[ci, cj], stats.z
+    # A head slice: the skull makes > 18 % of a whole (uncut) section bone; a torso, pelvis
+    # included, stays near 3-12 %. No vertebra is looked for there.
+    inside_cm2 = inside.sum(axis=(1, 2)) * grid.cell_cm2
+    skull = ~(lr_cut | ap_cut) & (bone.sum(axis=(1, 2)) * grid.cell_cm2 > 0.18 * inside_cm2)
     ok = (radius >= cfg.min_vertebra_radius_mm) & ~skull[z]
     ok &= lr_cut[z] | (np.abs(cx - body_x[z]) <= cfg.spine_offset_mm)
     ok &= ap_cut[z] | (cy > body_y[z])  # posterior half of the body
@@ -276,37 +338,33 @@ def _vertebrae(smooth, inside, cfg, spacing, px, py, body_x, body_y, inside_cm2,
     best = _best_per_slice(z, radius, ok, slices)
     found = best > 0
     if found.sum() >= 3:  # the column is continuous: drop slices whose core jumps away
-        bx, by = cx[best[found]], cy[best[found]]
-        far = np.hypot(bx - np.median(bx), by - np.median(by)) > 40.0
-        best[np.flatnonzero(found)[far]] = 0
+        far = np.hypot(cx[best[found]] - np.median(cx[best[found]]), cy[best[found]] - np.median(cy[best[found]]))
+        best[np.flatnonzero(found)[far > 40.0]] = 0
         found = best > 0
     core[found] = np.stack([cx[best[found]], cy[best[found]], radius[best[found]]], axis=1)
-    # The arch (pedicles, laminae, spinous process) is often a separate piece on a slice:
-    # take bone pieces centred within 35 mm of the core laterally and up to 90 mm behind it.
-    dx, dy = stats.x - core[z, 0], stats.y - core[z, 1]
+    # The arch (pedicles, laminae, spinous process) is often a piece of its own on a slice:
+    # take pieces centred within 35 mm of the core laterally and up to 90 mm behind it.
     with np.errstate(invalid="ignore"):
+        dx, dy = stats.x - core[z, 0], stats.y - core[z, 1]
         selected = (np.abs(dx) <= cfg.spine_offset_mm) & (dy >= 0.0) & (dy <= 90.0)
     selected[best[found]] = True
     selected[0] = False
-    # Clip what joins above 200 HU: rib heads (beyond 50 mm either side of the core) and, in
-    # front of the core, anything outside the vertebral body's ellipse (an enhanced aorta
-    # resting on it): semi-axes r + 3 mm front to back and 1.6 r + 4 mm across (a lumbar body
-    # is half again as wide as deep).
-    cx3, cy3, cr3 = (np.where(found, core[:, k], 1.0)[:, None, None] for k in range(3))
-    dx3, dy3 = px[None] - cx3, py[None] - cy3
+    # Clip what joins above 200 HU: rib heads (beyond 50 mm either side) and, in front of the
+    # core, anything outside the vertebral body's ellipse (an aorta resting on it): semi-axes
+    # r + 3 mm front to back, 1.6 r + 4 mm across (a lumbar body is half again as wide as deep).
+    cx3, cy3, cr3 = (np.where(found, core[:, k], 1.0).astype(np.float32)[:, None, None] for k in range(3))
+    dx3, dy3 = grid.px[None] - cx3, grid.py[None] - cy3
     front = (dx3 / (1.6 * cr3 + 4.0)) ** 2 + (dy3 / (cr3 + 3.0)) ** 2 <= 1.0
-    spine = selected[labels] & (np.abs(dx3) <= 50.0) & ((dy3 >= 0.0) | front)
-    return bone, spine, core
+    return bone, selected[labels] & (np.abs(dx3) <= 50.0) & ((dy3 >= 0.0) | front), core
 
 
-def _lungs(hu, smooth, inside, bone, spine, cfg, cell_cm2, px_mm, px, py, midline, core, has_spine, body_back, body_ok):
+def _lungs(hu, smooth, inside, bridges, cfg, grid, midline, core, back):
     """(S, H, W) int8: 1 = patient left lung, 2 = patient right lung, 0 = neither."""
-    # Aerated tissue, not pure gas. The partial-volume rim where pure gas meets tissue (skin
-    # line, trachea and bowel walls) also reads -950..-400 HU: drop a 2.5 mm band around gas.
-    # Unsmoothed HU for the lung itself: smoothing would erase lung slivers a few pixels wide.
-    # The band drops lung slivers next to gas too; regrow them from the lung through pixels
-    # of parenchyma density (a partial-volume rim is too mixed to form such a path).
-    gas = ndimage.binary_dilation(smooth < cfg.gas_hu, structure=_disk(2.5 / px_mm))
+    # Unsmoothed HU: smoothing would erase lung slivers a few pixels wide. The partial-volume
+    # rim where pure gas meets tissue (skin, trachea, bowel) also reads -950..-400 HU, so a
+    # 2.5 mm band around gas goes; lung cut off by it regrows through parenchyma-density
+    # pixels (a rim mixes gas and tissue too unevenly to form such a path).
+    gas = ndimage.binary_dilation(smooth < cfg.gas_hu, structure=_disk(2.5 / grid.px_mm))
     aerated = (hu < cfg.air_hu) & ~gas
     parenchyma = (hu >= cfg.gas_hu) & (hu < cfg.parenchyma_hu)
     aerated = ndimage.binary_propagation(aerated, structure=_PLANE_CROSS, mask=aerated | parenchyma)
@@ -314,94 +372,70 @@ def _lungs(hu, smooth, inside, bone, spine, cfg, cell_cm2, px_mm, px, py, midlin
     sides = np.zeros(aerated.shape, dtype=np.int8)
     if not n:
         return sides
-    flat = labels.ravel()
-    stats = _Stats(labels, n, px, py)
-    z = stats.z
-    enclosed = np.bincount(flat, weights=inside.ravel(), minlength=n + 1) / np.maximum(stats.count, 1)
-    area = stats.count * cell_cm2
-    offset = stats.x - midline[z]
-    # A lung piece is thick somewhere (a 3 mm disk fits): partial-volume rims along skin,
-    # bowel or sinus walls and septated mastoid cells are not.
-    thick = np.bincount(flat, weights=ndimage.binary_erosion(aerated, structure=_disk(3.0 / px_mm)).ravel(),
-                        minlength=n + 1) > 0
-    # Within the body's hull (a quarter suffices: a lung may bulge through the skin line of a
-    # thin chest wall) and not at the back surface, where mattress and table foam lie.
-    back = np.where(body_ok, body_back, np.inf)
-    keep = (enclosed >= 0.25) & (stats.y <= back[z] - 20.0) & (area >= cfg.min_lung_piece_cm2) & thick
-    keep &= ~((np.abs(offset) <= cfg.trachea_offset_mm) & (area < cfg.trachea_cm2))
-    # Posterior reach: the posterior-most point must lie behind the vertebral body's front.
-    front = np.where(has_spine, core[:, 1] - core[:, 2], -np.inf)
-    reach = stats.y_max >= front[z]
+    stats = _Stats(labels, n, grid)
+    z, area = stats.z, stats.count * grid.cell_cm2
+    enclosure = stats.mean(labels, inside)
+    thick = stats.mean(labels, ndimage.binary_erosion(aerated, structure=_disk(3.0 / grid.px_mm))) > 0
+    trachea = (np.abs(stats.x - midline[z]) <= cfg.trachea_offset_mm) & (area < cfg.trachea_cm2)
+    not_back = stats.y <= back[z] - 20.0
+    keep = (enclosure >= 0.9) & thick & ~trachea & (area >= cfg.min_lung_piece_cm2) & not_back
     keep[0] = False
-    # 3D: pieces join across slices; a component qualifies by its largest cross-section and
-    # by posterior reach somewhere; then each piece of it must reach posterior on its own slice
-    # or belong to a qualifying component (apex and base pieces are small and anterior).
+    # 3D: pieces link across neighbouring slices within 5 mm in-plane (slices can be 20 mm
+    # apart and the lung base moves between them). A component counts if it reaches 5 cm2 on
+    # some slice and extends behind the vertebral body's front somewhere.
+    front = np.where(np.isnan(core[:, 0]), -np.inf, core[:, 1] - core[:, 2])
     pieces = keep[labels]
-    # Slices can be 5-20 mm apart and the lung base moves between them: pieces link across
-    # neighbouring slices when they come within 5 mm in-plane, not only when they overlap.
-    comp, m = ndimage.label(ndimage.binary_dilation(pieces, structure=_disk(5.0 / px_mm)), structure=_FACES)
-    if not m:
-        return sides
+    comp, m = ndimage.label(ndimage.binary_dilation(pieces, structure=_disk(5.0 / grid.px_mm)), structure=_FACES)
     piece_comp = np.zeros(n + 1, dtype=np.int64)
-    piece_comp[flat[pieces.ravel()]] = comp.ravel()[pieces.ravel()]
-    biggest = np.zeros(m + 1)
-    np.maximum.at(biggest, piece_comp[keep], area[keep])
-    reaches = np.zeros(m + 1, dtype=bool)
-    np.logical_or.at(reaches, piece_comp[keep], reach[keep])
+    piece_comp[labels[pieces]] = comp[pieces]
+    biggest = _group_max(piece_comp[keep], area[keep], m + 1)
+    reaches = _group_max(piece_comp[keep], (stats.y_max >= front[z])[keep].astype(float), m + 1) > 0
     keep &= (biggest[piece_comp] >= cfg.min_lung_cm2) & reaches[piece_comp]
-    # Side: left where patient x exceeds the midline. Straddling pieces are split per pixel.
-    left_px = (px[None] > midline[:, None, None]).ravel()
-    left_frac = np.bincount(flat, weights=left_px, minlength=n + 1) / np.maximum(stats.count, 1)
-    piece_side = np.where(left_frac >= 0.5, 1, 2).astype(np.int8)
-    split = keep & (left_frac > 0.15) & (left_frac < 0.85)
-    kept = keep[labels]
-    sides[kept] = piece_side[labels[kept]]
-    per_pixel = split[labels]
-    sides[per_pixel] = np.where(left_px.reshape(sides.shape)[per_pixel], 1, 2)
-    # Where lung thins to a sliver under a pixel wide (over the diaphragm dome, behind a rib)
-    # only isolated pixels stay below -400 HU. Such fragments (pieces < 1 cm2, not near gas)
-    # join a side when they lie in that side's lung on a neighbouring slice, or are reached
-    # from its lung on this slice in hops of up to 5 mm, across non-vertebral bone.
-    small = ((area < cfg.min_lung_piece_cm2) | ~thick) & (enclosed >= 0.25)
+    # Side from patient x: a piece goes to its majority side; one straddling the midline
+    # (both lungs joined at the anterior junction or through bronchi) is split per pixel.
+    left = grid.px[None] > midline[:, None, None]
+    left_frac = stats.mean(labels, left)
+    sides[keep[labels]] = np.where(left_frac >= 0.5, 1, 2).astype(np.int8)[labels[keep[labels]]]
+    split = (keep & (left_frac > 0.15) & (left_frac < 0.85))[labels]
+    sides[split] = np.where(left[split], 1, 2)
+    # Where lung thins under a pixel (diaphragm dome, behind a rib) only slivers and isolated
+    # pixels stay below -400 HU, and a lung may bulge through a thin chest wall. Such pieces
+    # (thin, small, or only partly inside the body) join a side whose lung covers them on a
+    # neighbouring slice, or that reaches them on this slice in hops of up to 5 mm, across ribs.
+    small = (enclosure >= 0.25) & not_back & ((area < cfg.min_lung_piece_cm2) | ~thick | (enclosure < 0.9))
     small[0] = False
     fragments = small[labels]
-    path = fragments | (bone & ~spine)
-    hop = _disk(5.0 / px_mm)
-    neighbours = np.array([1, 0, 1], dtype=bool)[:, None, None]  # (3, 1, 1): the slices either side
+    hop, neighbours = _disk(5.0 / grid.px_mm), np.array([1, 0, 1], dtype=bool)[:, None, None]
     for side in (1, 2):
         lung = sides == side
         seeds = lung | (fragments & ndimage.binary_dilation(lung, structure=neighbours))
-        grown = ndimage.binary_propagation(seeds, structure=hop, mask=path | lung)
+        grown = ndimage.binary_propagation(seeds, structure=hop, mask=fragments | bridges | lung)
         sides[grown & fragments & (sides == 0)] = side
     return sides
 
 
-def _aorta(smooth, inside, cfg, spacing, px, py, core):
-    """(S, H, W) bool: the enhanced descending aorta, a round vessel next to the vertebral body."""
-    lo, hi = cfg.contrast_hu
-    px_mm = min(spacing)
-    vessel = (smooth >= lo) & (smooth <= hi) & inside
+def _aorta(smooth, inside, cfg, grid, core):
+    """(S, H, W) bool: the enhanced descending aorta, a round vessel beside the vertebral body."""
+    vessel = (smooth >= cfg.contrast_hu[0]) & (smooth <= cfg.contrast_hu[1]) & inside
     # Not bone: away from cortex and outside the vertebral body's inscribed disk (marrow reads
-    # like contrast). An aorta touching the vertebra may have joined the spine mask: it is
-    # found here all the same and its label wins where the two overlap.
-    vessel &= ~ndimage.binary_dilation(smooth > cfg.cortex_hu, structure=_disk(1.0 / px_mm))
-    cx, cy, cr = (np.nan_to_num(core[:, k], nan=-1e9)[:, None, None] for k in range(3))
-    vessel &= np.hypot(px[None] - cx, py[None] - cy) > cr + 1.0
-    # The aorta is the centre of an inscribed disk (a local maximum of the distance map) of
-    # 15-40 mm diameter, anterior of the vertebral core and from 15 mm right to 50 mm left of
-    # it; the nearest such centre to the core wins. Fitting a disk, not taking a connected
-    # component, keeps it apart from a kidney, IVC or crus it touches at the same density.
-    edt = ndimage.distance_transform_edt(vessel, sampling=(1e6, *spacing))
-    size = max(3, int(round(9.0 / px_mm)) | 1)
-    peak = edt == ndimage.maximum_filter(edt, size=(1, size, size))
+    # like contrast). An aorta that joined the spine mask is found all the same; its label wins.
+    vessel &= ~ndimage.binary_dilation(smooth > cfg.cortex_hu, structure=_disk(1.0 / grid.px_mm))
+    cx, cy, cr = (np.nan_to_num(core[:, k], nan=-1e9).astype(np.float32)[:, None, None] for k in range(3))
+    dx, ahead = grid.px[None] - cx, cy - grid.py[None]  # mm towards patient left / anterior of the core
+    vessel &= np.hypot(dx, ahead) > cr + 1.0
+    # Centres of inscribed disks (local maxima of the distance map) in the search window; the
+    # one nearest the vertebral core wins.
+    edt = grid.distance(vessel)
+    size = max(3, int(round(9.0 / grid.px_mm)) | 1)
     lo_r, hi_r = (d / 2.0 for d in cfg.aorta_diameter_mm)
-    dx, ahead = px[None] - cx, cy - py[None]  # mm towards patient left / anterior of the core
-    peak &= (edt >= lo_r) & (edt <= hi_r) & (dx >= -15.0) & (dx <= 50.0) & (ahead >= 0.0) & (ahead <= cr + 60.0)
+    peak = (edt == ndimage.maximum_filter(edt, size=(1, size, size))) & (edt >= lo_r) & (edt <= hi_r)
+    peak &= (dx >= -15.0) & (dx <= 50.0) & (ahead >= 0.0) & (ahead <= cr + 60.0)
     score = np.where(peak, -np.hypot(dx, ahead), -np.inf).reshape(len(core), -1)  # (S, H*W)
     best = score.argmax(axis=1)
-    found = np.isfinite(score[np.arange(len(core)), best])
-    bi, bj = np.unravel_index(best, px.shape)
-    radius = edt.reshape(len(core), -1)[np.arange(len(core)), best]
-    ax, ay = px[bi, bj][:, None, None], py[bi, bj][:, None, None]
-    disk = np.hypot(px[None] - ax, py[None] - ay) <= (radius + 1.5)[:, None, None]
+    rows = np.arange(len(core))
+    found = np.isfinite(score[rows, best])
+    bi, bj = np.unravel_index(best, grid.px.shape)
+    radius = edt.reshape(len(core), -1)[rows, best]
+    centre_x, centre_y = grid.px[bi, bj][:, None, None], grid.py[bi, bj][:, None, None]
+    disk = np.hypot(grid.px[None] - centre_x, grid.py[None] - centre_y) <= (radius + 1.5)[:, None, None]
     return vessel & disk & found[:, None, None]
