@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -24,6 +24,7 @@ from radground.runtime import prefect_api, ray_init_kwargs, report_progress
 from radground.settings import Settings
 from tasks import discover, ingest
 from tasks import ground_stage as ground
+from tasks import version_stage as version
 from tasks.curate import stage as curate
 from tasks.segment import stage as segment
 
@@ -56,6 +57,7 @@ class DropResult:
     curate: dict
     segment: dict
     ground: dict
+    version: dict = field(default_factory=dict)  # the build's version (shared by its drops)
 
 
 scan_task = _stage_task(discover.scan_files, "scan")
@@ -69,12 +71,13 @@ ingest_reports_task = _stage_task(ingest.ingest_reports, "ingest-reports")
 @flow(name="rebuild_dataset", validate_parameters=False, log_prints=False)
 def rebuild_dataset(drops: list[str], settings: Settings) -> list[DropResult]:
     """Per drop: ingest (scan, plan, extract series, scrub reports), curate the reports, segment the
-    series, and ground the report keywords on the slices."""
+    series, and ground the report keywords on the slices; then check, version and record the build."""
     logger = get_run_logger()
     summaries = []
+    stage_seconds: dict[str, float] = {}
     parts = settings.ray.num_cpus * settings.ingest.tasks_per_cpu
     for location in drops:
-        started = time.perf_counter()
+        started = drop_started = time.perf_counter()
         reader = discover.DropReader(location, settings)
         paths, mask_files = discover.image_candidates(reader.list_files(), settings)
         batches = discover.split_evenly(paths, parts)
@@ -129,6 +132,17 @@ def rebuild_dataset(drops: list[str], settings: Settings) -> list[DropResult]:
         logger.info("%s, %.1f s", ground.summary_line(ground_summary), time.perf_counter() - started)
         summaries.append(DropResult(ingest=summary, curate=curate_summary, segment=segment_summary,
                                     ground=ground_summary))
+        stage_seconds[drop_id] = time.perf_counter() - drop_started
+
+    started = time.perf_counter()
+    counts = {"ingest": sum(r.ingest.files_in for r in summaries),
+              "curate": sum(r.curate["sentences"] for r in summaries),
+              "ground": sum(r.ground["grounded_pairs"] for r in summaries)}
+    published = version.publish([r.ingest.drop_id for r in summaries], settings, counts,
+                                {"drops_total": sum(stage_seconds.values())})
+    logger.info("%s, %.1f s", version.summary_line(published), time.perf_counter() - started)
+    for result in summaries:
+        result.version.update(published)
     return summaries
 
 

@@ -158,6 +158,10 @@ def rebuild(
         out.print(curate_line(result.curate))
         out.print(segment_line(result.segment))
         out.print(ground_line(result.ground))
+    from tasks.version_stage import summary_line as version_line
+
+    if summaries and summaries[0].version:
+        out.print(version_line(summaries[0].version))
     store = settings.store_root.resolve() if settings.storage.backend == "local" else settings.storage.bucket
     out.print(f"stage outputs: {store} (prefixes ingest/, curate/, segment/, ground/ + <drop_id>/)")
 
