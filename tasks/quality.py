@@ -236,7 +236,7 @@ def _validate(df: pd.DataFrame, expectations: list, table_name: str, id_column: 
 def check_table(name: str, table: pa.Table | pd.DataFrame, model: type[BaseModel], *, data_dir: Path | str,
                 drop_id: str) -> QualityResult:
     """Validate one table against its suite; failing rows become QuarantineRecords, the rest pass."""
-    docs_dir = Path(data_dir) / "quality" / drop_id
+    docs_dir = Path(data_dir).resolve() / "quality" / drop_id  # GX stores want absolute paths
     docs_dir.mkdir(parents=True, exist_ok=True)
     id_column = ID_COLUMN.get(model, next(iter(model.model_fields)))
     df = table.to_pandas() if isinstance(table, pa.Table) else table.copy()
