@@ -38,6 +38,11 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Inspect the effective settings.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+datasets_app = typer.Typer(help="Dataset versions: list, show, pull.", no_args_is_help=True)
+app.add_typer(datasets_app, name="datasets")
+lineage_app = typer.Typer(help="Audit lineage: what is behind a version, where a patient is used.",
+                          no_args_is_help=True)
+app.add_typer(lineage_app, name="lineage")
 
 
 @dataclass
@@ -234,6 +239,78 @@ def demo(
     synth(drop_dir, patients=patients, seed=seed, force=True)
     out.print(f"demo drop written to [bold]{drop_dir}[/] (ground truth: {drop_dir}.truth.json)")
     rebuild([str(drop_dir)], overlays=4)
+
+
+def _version_dir(version: str) -> Path:
+    from radground.errors import ConfigError
+    from tasks.version_stage import versions_root
+
+    root = versions_root(state.settings)
+    matches = sorted(p for p in root.glob(f"{version[:16]}*") if p.is_dir()) if root.is_dir() else []
+    if len(matches) != 1:
+        raise ConfigError(f"version {version!r}: {'no' if not matches else 'more than one'} version folder in "
+                          f"{root} matches. Run `radground datasets list` for the digests.")
+    return matches[0]
+
+
+@datasets_app.command("list")
+def datasets_list() -> None:
+    """List the dataset versions under data_dir, newest first, with their row counts."""
+    from tasks.version import read_manifest
+    from tasks.version_stage import LATEST, versions_root
+
+    root = versions_root(state.settings)
+    table = Table("version", "parent", "drops", "rows", "created")
+    latest = (root / LATEST).read_text().strip() if (root / LATEST).exists() else None
+    folders = [p for p in root.iterdir() if p.is_dir() and (p / "manifest.json").exists()] if root.is_dir() else []
+    for folder in sorted(folders, key=lambda p: read_manifest(p).created_at, reverse=True):
+        m = read_manifest(folder)
+        rows = ", ".join(f"{n} {t.rows}" for n, t in m.tables.items())
+        table.add_row(folder.name + (" (latest)" if folder.name == latest else ""),
+                      (m.parent_digest or "-")[:16], str(len(m.drops)), rows, m.created_at[:19])
+    out.print(table)
+
+
+@datasets_app.command("show")
+def datasets_show(version: Annotated[str, typer.Argument(help="A version digest (16+ characters).")]) -> None:
+    """Print a version's manifest as JSON."""
+    out.print_json((_version_dir(version) / "manifest.json").read_text(encoding="utf-8"))
+
+
+@datasets_app.command("pull")
+def datasets_pull(version: Annotated[str, typer.Argument(help="A version digest (16+ characters).")]) -> None:
+    """Fetch a version's files from the DVC remote into data_dir/versions."""
+    from radground.dvc import DvcRepo
+    from tasks.version_stage import versions_root
+
+    folder = DvcRepo(versions_root(state.settings), state.settings).pull(version[:16])
+    out.print(f"version pulled into [bold]{folder}[/]")
+
+
+def _lineage():
+    from radground.lineage import lineage_index
+
+    return lineage_index(state.settings.data_dir.resolve() / "lineage", settings=state.settings)
+
+
+@lineage_app.command("trace")
+def lineage_trace(version: Annotated[str, typer.Argument(help="A version digest.")]) -> None:
+    """The drops and raw file hashes behind a version (JSON)."""
+    from tasks.version import read_manifest
+
+    digest = read_manifest(_version_dir(version)).digest
+    out.print_json(json.dumps(_lineage().trace(digest), default=str))
+
+
+@lineage_app.command("where-used")
+def lineage_where_used(
+    patient: Annotated[str, typer.Option("--patient", help="A patient pseudonym (P + 20 hex), or the hospital's "
+                                         "patient ID (hashed with the key; never printed).")],
+) -> None:
+    """Every version (and MLflow run) that contains a patient — named by pseudonym only."""
+    from radground.lineage import pseudonym_for
+
+    out.print_json(json.dumps(_lineage().where_used(pseudonym_for(state.settings, patient)), default=str))
 
 
 @config_app.command("show")

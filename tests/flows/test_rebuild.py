@@ -244,3 +244,30 @@ def test_the_build_is_checked_versioned_tracked_and_recorded(rebuilt):
     client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{database}")
     run = client.get_run(published["mlflow_run"])
     assert run.info.status == "FINISHED" and run.data.params["settings_hash"] == settings.settings_hash()
+
+
+def test_datasets_and_lineage_commands_answer_by_pseudonym_only(rebuilt):
+    import json as jsonlib
+    import os
+    import subprocess
+    import sys
+
+    _, truth, returning, settings, results = rebuilt
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RADGROUND_")}
+    env["RADGROUND_DATA_DIR"] = str(settings.data_dir)
+
+    def cli(*args):
+        done = subprocess.run([sys.executable, "-m", "radground", *args], capture_output=True, text=True,
+                              env=env, timeout=300)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    digest = results[0].version["digest"]
+    assert digest[:16] in cli("datasets", "list")
+    assert jsonlib.loads(cli("datasets", "show", digest[:16]))["digest"] == digest
+    traced = jsonlib.loads(cli("lineage", "trace", digest[:16]))
+    assert sorted(traced["drops"]) == sorted({r.ingest.drop_id for r in results[:1]})
+    source_id = returning["patient"]["patient_id"]
+    where = cli("lineage", "where-used", "--patient", source_id)
+    assert source_id not in where  # the hospital's ID is hashed, never echoed
+    assert jsonlib.loads(where)["versions"] == [digest]
