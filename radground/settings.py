@@ -246,6 +246,10 @@ class Settings(BaseSettings):
         "Prefect home, caches, logs.",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    rebuild_lock_timeout_s: float = Field(
+        default=600.0, ge=0,
+        description="A rebuild waits this long for another one on the same data_dir, then fails.",
+    )
     storage: StorageSettings = StorageSettings()
     deid: DeidSettings = DeidSettings()
     ingest: IngestSettings = IngestSettings()

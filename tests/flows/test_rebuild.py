@@ -271,3 +271,21 @@ def test_datasets_and_lineage_commands_answer_by_pseudonym_only(rebuilt):
     where = cli("lineage", "where-used", "--patient", source_id)
     assert source_id not in where  # the hospital's ID is hashed, never echoed
     assert jsonlib.loads(where)["versions"] == [digest]
+
+
+def test_a_second_rebuild_on_the_same_data_dir_waits_then_fails_clearly(tmp_path):
+    import time
+
+    from filelock import FileLock
+
+    from flows.rebuild import RebuildLockedError
+
+    drop = generate_drop(tmp_path / "drop", patients=1, seed=2)
+    settings = load_settings(data_dir=tmp_path / "data", rebuild_lock_timeout_s=0.5)
+    settings.data_dir.mkdir(parents=True)
+    with FileLock(settings.data_dir / "rebuild.lock"):  # a rebuild in progress
+        started = time.monotonic()
+        with pytest.raises(RebuildLockedError, match=r"another rebuild holds .*rebuild\.lock \(waited 0\.5 s\)"):
+            run_rebuild([str(drop.drop_dir)], settings)
+        assert time.monotonic() - started < 5  # refused before Prefect or Ray started
+    assert not (settings.data_dir / "prefect").exists()
