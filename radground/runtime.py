@@ -118,29 +118,42 @@ def _flush_prefect_logs() -> None:
 
 
 @contextlib.contextmanager
-def _applied(env: dict[str, str]) -> Iterator[None]:
-    """Set the variables for this process (and children), and Prefect's in-process settings."""
-    saved = {name: os.environ.get(name) for name in env}
-    os.environ.update(env)
-    from prefect.settings import (
-        PREFECT_API_URL,
-        PREFECT_HOME,
-        PREFECT_RESULTS_PERSIST_BY_DEFAULT,
-        temporary_settings,
-    )
+def temporary_environ(updates: dict[str, str], remove: tuple[str, ...] = ()) -> Iterator[None]:
+    """Set (and unset) environment variables for this process and its children, then restore them.
 
+    For libraries that read their configuration from the environment (Prefect, Ray,
+    TotalSegmentator); radground's own settings never come from here.
+    """
+    saved = {name: os.environ.get(name) for name in (*updates, *remove)}
+    os.environ.update(updates)
+    for name in remove:
+        os.environ.pop(name, None)
     try:
-        # Prefect snapshots the environment at import, so tell its settings context too.
-        with temporary_settings(updates={PREFECT_API_URL: env["PREFECT_API_URL"],
-                                         PREFECT_HOME: env["PREFECT_HOME"],
-                                         PREFECT_RESULTS_PERSIST_BY_DEFAULT: False}):
-            yield
+        yield
     finally:
         for name, value in saved.items():
             if value is None:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+@contextlib.contextmanager
+def _applied(env: dict[str, str]) -> Iterator[None]:
+    """Set the variables for this process (and children), and Prefect's in-process settings."""
+    with temporary_environ(env):
+        from prefect.settings import (
+            PREFECT_API_URL,
+            PREFECT_HOME,
+            PREFECT_RESULTS_PERSIST_BY_DEFAULT,
+            temporary_settings,
+        )
+
+        # Prefect snapshots the environment at import, so tell its settings context too.
+        with temporary_settings(updates={PREFECT_API_URL: env["PREFECT_API_URL"],
+                                         PREFECT_HOME: env["PREFECT_HOME"],
+                                         PREFECT_RESULTS_PERSIST_BY_DEFAULT: False}):
+            yield
 
 
 def ray_init_kwargs(settings: Settings, env: dict[str, str]) -> dict:

@@ -13,7 +13,6 @@ anonymous usage counts unless that folder's config.json says ``"send_usage_stats
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -23,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from radground.labels import label_map
+from radground.runtime import temporary_environ
 from radground.settings import SegmentationSettings
 from radground.volume import nifti_labels_on_series, series_to_nifti
 from tasks.segment.base import SegmentationError, SeriesVolume, check_mask
@@ -136,14 +136,5 @@ def _totalseg_home(weights: Path | None) -> Iterator[None]:
     if weights is None:
         yield
         return
-    saved = {name: os.environ.get(name) for name in ("TOTALSEG_HOME_DIR", "TOTALSEG_WEIGHTS_PATH")}
-    os.environ["TOTALSEG_HOME_DIR"] = str(weights)
-    os.environ.pop("TOTALSEG_WEIGHTS_PATH", None)
-    try:
+    with temporary_environ({"TOTALSEG_HOME_DIR": str(weights)}, remove=("TOTALSEG_WEIGHTS_PATH",)):
         yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
