@@ -114,9 +114,14 @@ def segment_series(location: str, drop_id: str, image_keys: Sequence[str], setti
         try:
             labels, backend, outcome.stats = run_chain(volume, settings, location, series_uid)
         except RadgroundError as exc:
+            # The quarantine table travels into dataset versions: it gets the backend chain and
+            # the error type only, never the message (which may quote file or folder names).
+            chain = "+".join(settings.segmentation.backend)
+            logger.warning("segment series %s: %s failed: %s", series_uid, chain, exc)
             outcome.quarantine.append(QuarantineRecord(
                 drop_id=drop_id, stage=STAGE, item="series", reason="segmentation_failed",
-                detail=str(exc), source_sha256=None, ref=series_uid))
+                detail=f"backend chain {chain} raised {type(exc).__name__}; the rebuild log has the reason",
+                source_sha256=None, ref=series_uid))
             outcomes.append(outcome)
             continue
         records = mask_records(labels, image_ids=volume.image_ids, series_uid=series_uid, study_uid=study_uid,
