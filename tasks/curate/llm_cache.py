@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
+import tenacity
+
 BUSY_TIMEOUT_S = 30.0  # how long a writer waits for another process's write lock
 
 _SCHEMA = """
@@ -46,6 +48,33 @@ def sentence_sha256(sentence: str) -> str:
     return hashlib.sha256(sentence.encode("utf-8")).hexdigest()
 
 
+def _is_locked(error: BaseException) -> bool:
+    return isinstance(error, sqlite3.OperationalError) and "locked" in str(error)
+
+
+# Several processes (the rebuild's Ray workers) share the cache. SQLite answers some of their
+# collisions with "database is locked" at once instead of waiting busy_timeout (switching a
+# fresh file to WAL, WAL recovery, a stale read snapshot), so every access retries on it.
+_retry_when_locked = tenacity.retry(
+    retry=tenacity.retry_if_exception(_is_locked), reraise=True,
+    wait=tenacity.wait_random_exponential(multiplier=0.05, max=2.0), stop=tenacity.stop_after_delay(BUSY_TIMEOUT_S))
+
+
+@_retry_when_locked
+def _open_with_retry(path: Path) -> sqlite3.Connection:
+    # isolation_level=None: autocommit, so every put is its own committed transaction.
+    conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
+    try:
+        if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+            conn.execute("PRAGMA journal_mode=WAL")  # persistent in the file; readers never block the writer
+        conn.execute("PRAGMA synchronous=NORMAL")  # durable across a process crash; it is a cache
+        conn.execute(_SCHEMA)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
 class LLMCache:
     """get/put of validated JSON answers; one connection shared by the threads of a process."""
 
@@ -57,15 +86,10 @@ class LLMCache:
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            # isolation_level=None: autocommit, so every put is its own committed transaction.
-            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None,
-                                   check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")  # readers never block the writer, nor it them
-            conn.execute("PRAGMA synchronous=NORMAL")  # durable across a process crash; it is a cache
-            conn.execute(_SCHEMA)
-            self._conn = conn
+            self._conn = _open_with_retry(self.path)
         return self._conn
 
+    @_retry_when_locked
     def get(self, key: CacheKey) -> str | None:
         """The stored JSON text for a key, or None."""
         with self._lock:
@@ -76,17 +100,27 @@ class LLMCache:
 
     def put(self, key: CacheKey, result: str) -> None:
         """Store (and commit at once) one validated JSON answer."""
-        with self._lock:
-            self._connection().execute(
-                "INSERT OR REPLACE INTO llm_results VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (*key, result, time.time()))
+        self._write("INSERT OR REPLACE INTO llm_results VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (*key, result, time.time()))
 
     def delete(self, key: CacheKey) -> None:
         """Forget one answer (a stored answer that no longer validates)."""
+        self._write("DELETE FROM llm_results WHERE backend=? AND model=? AND prompt_version=? "
+                    "AND kind=? AND language=? AND sentence_sha256=?", tuple(key))
+
+    @_retry_when_locked
+    def _write(self, sql: str, params: tuple) -> None:
+        # BEGIN IMMEDIATE takes the write lock first (waiting busy_timeout): a plain autocommit
+        # write starts as a reader and upgrading it can fail at once when another process wrote.
         with self._lock:
-            self._connection().execute(
-                "DELETE FROM llm_results WHERE backend=? AND model=? AND prompt_version=? "
-                "AND kind=? AND language=? AND sentence_sha256=?", tuple(key))
+            conn = self._connection()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.execute(sql, params)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
 
     def __len__(self) -> int:
         with self._lock:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
+import multiprocessing.synchronize
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -437,3 +438,27 @@ def test_cache_takes_writes_from_several_processes(tmp_path):
         worker.join(timeout=60)
     assert [w.exitcode for w in workers] == [0, 0, 0]
     assert len(LLMCache(path)) == 180
+
+
+def _open_together(path: str, worker: int, start: multiprocessing.synchronize.Barrier) -> None:
+    start.wait(timeout=30)
+    cache = LLMCache(Path(path))
+    cache.put(CacheKey("openai", "m", "v", "extract", "en", f"{worker}"), '{"keywords": []}')
+    cache.close()
+
+
+def test_processes_opening_a_fresh_cache_at_once_all_succeed(tmp_path):
+    """The rebuild's Ray workers open the cache together: the WAL switch must not fail any of them."""
+    context = multiprocessing.get_context("fork")
+    for round_ in range(5):
+        path = tmp_path / f"round{round_}" / "llm.sqlite"
+        start = context.Barrier(8)
+        workers = [context.Process(target=_open_together, args=(str(path), w, start)) for w in range(8)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(timeout=60)
+        assert [w.exitcode for w in workers] == [0] * 8
+        cache = LLMCache(path)
+        assert len(cache) == 8
+        assert cache._connection().execute("PRAGMA journal_mode").fetchone()[0] == "wal"
