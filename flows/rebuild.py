@@ -10,6 +10,7 @@ so no PHI in memory ever reaches Prefect's database.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,9 +21,11 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 from prefect_ray import RayTaskRunner
 
+from radground import buildstate
 from radground.errors import RadgroundError, StoreAuthError, StoreError
 from radground.runtime import prefect_api, ray_init_kwargs, report_progress
 from radground.settings import Settings
+from radground.store import open_store
 from tasks import discover, ingest
 from tasks import ground_stage as ground
 from tasks import version_stage as version
@@ -30,6 +33,7 @@ from tasks.curate import stage as curate
 from tasks.segment import stage as segment
 
 _RETRY_DELAYS = [2, 8, 30]
+log = logging.getLogger(__name__)
 
 
 def _transient_only(task_, task_run, state) -> bool:
@@ -59,6 +63,7 @@ class DropResult:
     segment: dict
     ground: dict
     version: dict = field(default_factory=dict)  # the build's version (shared by its drops)
+    cached: bool = False  # every stage was current: nothing ran for this drop
 
 
 scan_task = _stage_task(discover.scan_files, "scan")
@@ -72,25 +77,92 @@ ingest_reports_task = _stage_task(ingest.ingest_reports, "ingest-reports")
 @flow(name="rebuild_dataset", validate_parameters=False, log_prints=False)
 def rebuild_dataset(drops: list[str], settings: Settings) -> list[DropResult]:
     """Per drop: ingest (scan, plan, extract series, scrub reports), curate the reports, segment the
-    series, and ground the report keywords on the slices; then check, version and record the build."""
+    series, and ground the report keywords on the slices, each stage only where its cached output is
+    stale; then check, version and record the build (the latest version's drops + these)."""
     logger = get_run_logger()
-    summaries = []
+    registry = buildstate.DropRegistry(settings)
+    store = open_store(settings)
+    results: dict[str, DropResult] = {}
     stage_seconds: dict[str, float] = {}
+    pending = list(drops)
+    while pending:
+        location = pending.pop(0)
+        started = time.perf_counter()
+        result = _build_drop(location, settings, registry, store, logger)
+        results.setdefault(result.ingest.drop_id, result)
+        stage_seconds[result.ingest.drop_id] = time.perf_counter() - started
+        if not pending:  # the latest version's other drops must be current too: rebuild the stale ones
+            pending = _stale_version_drops(settings, store, registry, set(results))
+
+    started = time.perf_counter()
+    summaries = list(results.values())
+    counts = {"ingest": sum(r.ingest.files_in for r in summaries),
+              "curate": sum(r.curate["sentences"] for r in summaries),
+              "ground": sum(r.ground["grounded_pairs"] for r in summaries)}
+    published = version.publish([r.ingest.drop_id for r in summaries], settings, counts,
+                                {"drops_total": sum(stage_seconds.values())})
+    logger.info("%s, %.1f s", version.summary_line(published), time.perf_counter() - started)
+    for result in summaries:
+        result.version.update(published)
+    return summaries
+
+
+def _stale_version_drops(settings: Settings, store, registry: buildstate.DropRegistry, done: set[str]) -> list[str]:
+    """Locations of the latest version's drops (not built in this run) whose stages are stale."""
+    stale = []
+    for drop_id in version.version_drops([], settings):
+        if drop_id in done:
+            continue
+        if len(buildstate.fresh_records(store, drop_id, buildstate.stage_keys(drop_id, settings))) == 4:
+            continue
+        location = registry.location_of(drop_id)
+        if location is None or not discover.DropReader.available(location, settings):
+            raise buildstate.BuildStateError(
+                f"drop {drop_id} of the latest version was built with other settings or code, and its files "
+                "are no longer where it was read from. Pass its location to `radground rebuild` (with the new "
+                "drops), or restore the settings it was built with.")
+        stale.append(location)
+    return stale
+
+
+def _build_drop(location: str, settings: Settings, registry: buildstate.DropRegistry, store, logger) -> DropResult:
     parts = settings.ray.num_cpus * settings.ingest.tasks_per_cpu
-    for location in drops:
-        started = drop_started = time.perf_counter()
-        reader = discover.DropReader(location, settings)
-        paths, mask_files = discover.image_candidates(reader.list_files(), settings)
+    reader = discover.DropReader(location, settings)
+    paths, mask_files = discover.image_candidates(files := reader.list_files(), settings)
+    fingerprint = reader.fingerprint(files)
+    drop_id = registry.drop_for(location, fingerprint)
+    fresh = buildstate.fresh_records(store, drop_id, buildstate.stage_keys(drop_id, settings)) if drop_id else {}
+    if len(fresh) == 4:
+        logger.info("drop %s: unchanged, every stage current (cached)", drop_id)
+        return _cached_result(fresh)
+
+    started = time.perf_counter()
+    plan = None
+    if "curate" not in fresh:  # ingest and curate need the drop's headers (curate: the PHI to re-check)
         batches = discover.split_evenly(paths, parts)
         scanned = [item for future in scan_task.map(reader, batches) for item in future.result()]
         info = discover.read_drop_info(reader)
         drop_id = discover.drop_id_for(info, [s.sha256 for s in scanned])
+        registry.remember(drop_id, location, fingerprint)
         reports, bad_reports = discover.read_reports(reader, drop_id)
         plan = discover.plan_drop(drop_id, scanned, reports, bad_reports, settings)
         plan.mask_files = len(mask_files)
+        fresh = buildstate.fresh_records(store, drop_id, buildstate.stage_keys(drop_id, settings))
         logger.info("discover %s: %d files, %d series planned, %d quarantined so far", drop_id, plan.files_in,
                     len(plan.series), plan.files_quarantined)
+        if len(fresh) == 4:  # moved or touched, same content
+            logger.info("drop %s: same content as before, every stage current (cached)", drop_id)
+            return _cached_result(fresh)
+    keys = buildstate.stage_keys(drop_id, settings)
+    logger.info("drop %s: stages current %s, to run %s", drop_id, sorted(fresh) or "none",
+                [s for s in buildstate.STAGES if s not in fresh])
 
+    if "ingest" in fresh:
+        summary = ingest.IngestSummary(**fresh["ingest"].summary)
+        image_keys = list(fresh["ingest"].handoff["image_keys"])
+        reports = None
+    else:
+        buildstate.clear_stage(store, "ingest", drop_id)
         shards = discover.shard_series(plan.series, parts)
         futures = [ingest_shard_task.submit(location, shard, settings) for shard in shards]
         reports_future = ingest_reports_task.submit(plan.reports, drop_id, settings)
@@ -101,50 +173,79 @@ def rebuild_dataset(drops: list[str], settings: Settings) -> list[DropResult]:
             report_progress("ingest", len(outcomes), len(plan.series))
         reports = reports_future.result()
         summary = ingest.finish_ingest(plan, outcomes, reports, settings)
+        image_keys = sorted(o.shard_key for o in outcomes if o.shard_key)
+        buildstate.write_record(store, "ingest", drop_id, keys["ingest"], summary.__dict__,
+                                {"image_keys": image_keys})
         logger.info("%s, %.1f s", summary.line(), time.perf_counter() - started)
 
-        started = time.perf_counter()
+    started = time.perf_counter()
+    if "curate" in fresh:
+        curate_summary = fresh["curate"].summary
+        curated_reports = None
+    else:
+        buildstate.clear_stage(store, "curate", drop_id)
+        if reports is None:
+            reports = ingest.read_reports(drop_id, settings)
         known = ingest.known_phi_by_study(plan.reports, settings)
-        batches = discover.split_evenly(reports, parts)
         curated = [curate_task.submit(batch, {r.study_uid: known[r.study_uid] for r in batch}, settings)
-                   for batch in batches]
+                   for batch in discover.split_evenly(reports, parts)]
         curate_outcomes = [f.result() for f in curated]
         curate_summary = curate.finish_curate(drop_id, curate_outcomes, settings)
+        curated_reports = [r for o in curate_outcomes for r in o.reports]
+        buildstate.write_record(store, "curate", drop_id, keys["curate"], curate_summary)
         logger.info("%s, %.1f s", curate.summary_line(curate_summary), time.perf_counter() - started)
 
-        started = time.perf_counter()
-        image_keys = [o.shard_key for o in outcomes if o.shard_key]
-        segmented = [segment_task.submit(location, drop_id, keys, settings)
-                     for keys in discover.split_evenly(image_keys, parts)]
+    started = time.perf_counter()
+    if "segment" in fresh:
+        segment_summary, handoff = fresh["segment"].summary, fresh["segment"].handoff
+    else:
+        buildstate.clear_stage(store, "segment", drop_id)
+        segmented = [segment_task.submit(location, drop_id, batch, settings)
+                     for batch in discover.split_evenly(image_keys, parts)]
         series = [o for f in segmented for o in f.result()]
         segment_summary = segment.summarise(drop_id, series, settings)
+        handoff = segment.handoff(series)
+        buildstate.write_record(store, "segment", drop_id, keys["segment"], segment_summary, handoff)
         logger.info("%s, %.1f s", segment.summary_line(segment_summary), time.perf_counter() - started)
 
-        started = time.perf_counter()
-        mask_keys = [o.mask_key for o in series if o.mask_key]
-        modalities = {o.study_uid: o.modality for o in series if o.mask_key}
-        study_images: dict[str, list[str]] = {}
-        for o in series:
-            study_images.setdefault(o.study_uid, []).extend(o.image_ids)
-        curated_reports = [r for o in curate_outcomes for r in o.reports]
-        grounded = [ground_task.submit(batch, mask_keys, modalities, study_images, settings)
+    started = time.perf_counter()
+    if "ground" in fresh:
+        ground_summary = fresh["ground"].summary
+    else:
+        buildstate.clear_stage(store, "ground", drop_id)
+        if curated_reports is None:
+            curated_reports = curate.read_curated(drop_id, settings)
+        grounded = [ground_task.submit(batch, handoff["mask_keys"], handoff["modalities"],
+                                       handoff["study_images"], settings)
                     for batch in discover.split_evenly(curated_reports, parts)]
         ground_summary = ground.finish_ground(drop_id, [f.result() for f in grounded], image_keys, settings)
+        buildstate.write_record(store, "ground", drop_id, keys["ground"], ground_summary)
         logger.info("%s, %.1f s", ground.summary_line(ground_summary), time.perf_counter() - started)
-        summaries.append(DropResult(ingest=summary, curate=curate_summary, segment=segment_summary,
-                                    ground=ground_summary))
-        stage_seconds[drop_id] = time.perf_counter() - drop_started
+    return DropResult(ingest=summary, curate=curate_summary, segment=segment_summary, ground=ground_summary)
 
-    started = time.perf_counter()
-    counts = {"ingest": sum(r.ingest.files_in for r in summaries),
-              "curate": sum(r.curate["sentences"] for r in summaries),
-              "ground": sum(r.ground["grounded_pairs"] for r in summaries)}
-    published = version.publish([r.ingest.drop_id for r in summaries], settings, counts,
-                                {"drops_total": sum(stage_seconds.values())})
-    logger.info("%s, %.1f s", version.summary_line(published), time.perf_counter() - started)
-    for result in summaries:
-        result.version.update(published)
-    return summaries
+
+def _cached_result(records: dict[str, buildstate.StageRecord]) -> DropResult:
+    return DropResult(ingest=ingest.IngestSummary(**records["ingest"].summary), curate=records["curate"].summary,
+                      segment=records["segment"].summary, ground=records["ground"].summary, cached=True)
+
+
+def _all_cached(drops: Sequence[str], settings: Settings) -> list[DropResult] | None:
+    """Every stage of every drop (given, and in the latest version) current? Their results; else None."""
+    registry = buildstate.DropRegistry(settings)
+    store = open_store(settings)
+    results: dict[str, DropResult] = {}
+    for location in drops:
+        reader = discover.DropReader(location, settings)
+        drop_id = registry.drop_for(location, reader.fingerprint(reader.list_files()))
+        if drop_id is None:
+            return None
+        fresh = buildstate.fresh_records(store, drop_id, buildstate.stage_keys(drop_id, settings))
+        if len(fresh) < 4:
+            return None
+        results.setdefault(drop_id, _cached_result(fresh))
+    if _stale_version_drops(settings, store, registry, set(results)):
+        return None
+    return list(results.values())
 
 
 class RebuildLockedError(RadgroundError):
@@ -174,6 +275,13 @@ def run_rebuild(drops: Sequence[str], settings: Settings) -> list[DropResult]:
 
 
 def _run_locked(drops: Sequence[str], settings: Settings) -> list[DropResult]:
+    cached = _all_cached(drops, settings)
+    if cached is not None:  # nothing to run: no Prefect, no Ray, only the (cheap) version check
+        published = version.publish([r.ingest.drop_id for r in cached], settings, {}, {})
+        log.info("rebuild: every drop current; %s", version.summary_line(published))
+        for result in cached:
+            result.version.update(published)
+        return cached
     with prefect_api(settings) as env:
         runner = RayTaskRunner(address=settings.ray.address, init_kwargs=ray_init_kwargs(settings, env))
         return rebuild_dataset.with_options(task_runner=runner)(list(drops), settings)

@@ -51,7 +51,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-BUILD_EXPERIMENT = "dataset-builds"
 BUILD_CONTEXT = "build"  # the mlflow.data.context of a build run's input; training runs use "training"
 VERSION_TAG = "radground.version_digest"
 MLFLOW_DIGEST_MAX = 36  # mlflow.utils.validation.MAX_DATASET_DIGEST_SIZE
@@ -107,9 +106,10 @@ def _mlflow():
 
 
 def tracking_uri(settings: Settings, override: str | None = None) -> str:
-    """The MLflow tracking URI: ``override`` (a server) or the embedded SQLite database."""
-    if override:
-        return override
+    """The MLflow tracking URI: ``override``, else ``mlflow.tracking_uri`` (a server), else the
+    embedded SQLite database under data_dir."""
+    if override or settings.mlflow.tracking_uri:
+        return override or settings.mlflow.tracking_uri
     folder = (settings.data_dir / "mlflow").resolve()
     folder.mkdir(parents=True, exist_ok=True)
     return "sqlite:///" + str(folder / "mlflow.db")  # absolute path: four slashes in total
@@ -188,9 +188,9 @@ def record_build(
     mlflow = _mlflow()
     from mlflow.entities import DatasetInput, InputTag, Metric, Param
 
-    embedded = tracking_uri is None
+    embedded = not (tracking_uri or settings.mlflow.tracking_uri)
     client = _client(settings, tracking_uri)
-    experiment_id = _experiment_id(client, settings, BUILD_EXPERIMENT, embedded)
+    experiment_id = _experiment_id(client, settings, settings.mlflow.build_experiment, embedded)
     tags = {VERSION_TAG: digest, "radground.kind": "dataset-build", "mlflow.runName": f"build-{digest[:12]}"}
     run = client.create_run(experiment_id, tags=tags)
     run_id = run.info.run_id

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -230,6 +230,61 @@ class GroundingSettings(_Group):
                           "--overlays N).")
 
 
+class QualitySettings(_Group):
+    """Table-level gates of the quality stage: crossing one fails the build with the numbers."""
+
+    max_quarantine_rate: float = Field(default=0.05, ge=0, le=1, description="Largest share of a table's "
+                                       "rows that its expectations may move to quarantine.")
+    min_grounded_slices: int = Field(default=1, ge=0, description="Fewest distinct grounded slices a build "
+                                     "must keep after its checks.")
+
+
+class VersionSettings(_Group):
+    """Dataset versions: shard size and the patient-level split."""
+
+    shard_target_mb: float = Field(default=128.0, gt=0, description="Target Parquet shard size; a drop's "
+                                   "table is cut into shards of about this size.")
+    train: float = Field(default=0.8, ge=0, le=1, description="Share of new patients assigned to train.")
+    val: float = Field(default=0.1, ge=0, le=1, description="Share of new patients assigned to val.")
+    test: float = Field(default=0.1, ge=0, le=1, description="Share of new patients assigned to test.")
+
+    @model_validator(mode="after")
+    def _shares_sum_to_one(self) -> VersionSettings:
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-9:
+            raise ValueError(f"train + val + test must sum to 1 (they sum to {total:g}), e.g. 0.8/0.1/0.1")
+        return self
+
+
+class MlflowSettings(_Group):
+    """Where builds and lineage are recorded. Unset tracking_uri = the embedded SQLite under data_dir;
+    production names a tracking server (e.g. http://mlflow:5000, Postgres-backed with S3 artifacts)."""
+
+    tracking_uri: str | None = Field(default=None, description="e.g. http://mlflow:5000; unset = "
+                                     "sqlite under <data_dir>/mlflow.")
+    build_experiment: str = Field(default="dataset-builds", min_length=1)
+
+
+# Fields that change how fast or where work runs, never what a stage produces: they stay out
+# of the stage keys, so changing them never invalidates cached stage outputs or the digest.
+_OPERATIONAL = {
+    "ingest": {"tasks_per_cpu"},
+    "llm": {"base_url", "api_key", "timeout_s", "max_concurrency", "backoff_s"},
+    "segmentation": {"device", "sam_batch_size"},
+    "grounding": {"overlays"},
+}
+
+# The settings groups each stage's output depends on (with the upstream stages' keys).
+STAGE_GROUPS = {
+    "ingest": ("deid", "ingest"),
+    "curate": ("llm", "translation", "vqa"),
+    "segment": ("segmentation",),
+    "ground": ("grounding",),
+    "quality": ("quality",),
+    "version": ("version",),
+}
+
+
 class Settings(BaseSettings):
     """All of radground's configuration. Build it with :func:`load_settings`."""
 
@@ -260,6 +315,9 @@ class Settings(BaseSettings):
     grounding: GroundingSettings = GroundingSettings()
     ray: RaySettings = RaySettings()
     prefect: PrefectSettings = PrefectSettings()
+    quality: QualitySettings = QualitySettings()
+    version: VersionSettings = VersionSettings()
+    mlflow: MlflowSettings = MlflowSettings()
 
     @classmethod
     def settings_customise_sources(
@@ -287,6 +345,19 @@ class Settings(BaseSettings):
     def settings_hash(self) -> str:
         """sha256 over the public settings: same settings, same hash; secrets never enter it."""
         blob = json.dumps(self.public_dict(), sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def stage_hash(self, stage: str) -> str:
+        """sha256 over the settings that decide what ``stage`` produces (operational ones left out)."""
+        public = self.public_dict()
+        groups = {group: {k: v for k, v in public[group].items() if k not in _OPERATIONAL.get(group, ())}
+                  for group in STAGE_GROUPS[stage]}
+        return hashlib.sha256(json.dumps(groups, sort_keys=True, default=str).encode()).hexdigest()
+
+    def content_hash(self) -> str:
+        """sha256 over every stage's settings: the settings part of a version digest. Paths of
+        this machine (data_dir, store root) and operational knobs are not in it."""
+        blob = json.dumps({stage: self.stage_hash(stage) for stage in STAGE_GROUPS}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()
 
 

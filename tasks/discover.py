@@ -24,6 +24,7 @@ import yaml
 from pydantic import ValidationError
 from pydicom.errors import InvalidDicomError
 
+from radground.buildstate import listing_fingerprint
 from radground.errors import RadgroundError
 from radground.keys import load_key
 from radground.schemas import DROP_INFO_FILE, REPORTS_FILE, DropInfo, DropReportRow, QuarantineRecord
@@ -70,12 +71,25 @@ class DropReader:
             if not self._root.is_dir():
                 raise DropError(f"drop {location}: no such folder. Pass a drop folder or store:PREFIX.")
 
+    @staticmethod
+    def available(location: str, settings: Settings) -> bool:
+        """Can the drop at ``location`` still be read (a folder that exists, or a store prefix with files)?"""
+        if location.startswith(STORE_SCHEME):
+            prefix = location[len(STORE_SCHEME):].strip("/") + "/"
+            return next(iter(open_store(settings).list(prefix)), None) is not None
+        return Path(location).is_dir()
+
     def list_files(self) -> list[str]:
         """Relative paths of every file in the drop, sorted."""
         if self._root is not None:
             return sorted(p.relative_to(self._root).as_posix() for p in self._root.rglob("*") if p.is_file())
         store = open_store(self._settings)
         return [key[len(self._prefix):] for key in store.list(self._prefix)]
+
+    def fingerprint(self, files: Sequence[str]) -> str | None:
+        """A cheap listing fingerprint (path, size, mtime) of a local drop; None for a store drop,
+        whose listing does not show changes, so it is always re-hashed."""
+        return listing_fingerprint(self._root, files) if self._root is not None else None
 
     def read(self, relative: str) -> bytes:
         if self._root is not None:

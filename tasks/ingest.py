@@ -24,7 +24,7 @@ from radground.keys import load_key
 from radground.schemas import ImageRecord, QuarantineRecord, ReportRecord
 from radground.settings import Settings
 from radground.store import open_store
-from radground.tables import write_table
+from radground.tables import read_table, write_table
 from tasks.deid import date_offset_days, deidentify, patient_pseudonym, pseudonym_uid
 from tasks.discover import DropPlan, DropReader, ReportJob, SeriesPlan, quiet_dicom, read_dataset
 from tasks.scrub import KnownPHI, scrub_report
@@ -209,6 +209,12 @@ def ingest_reports(jobs: Sequence[ReportJob], drop_id: str, settings: Settings) 
             redactions=len(scrubbed.redactions),
         ))
     return records
+
+
+def read_reports(drop_id: str, settings: Settings) -> list[ReportRecord]:
+    """The scrubbed reports an earlier ingest of ``drop_id`` wrote (for a curate stage run again)."""
+    table = read_table(open_store(settings), stage_prefix(drop_id) + "reports.parquet")
+    return [ReportRecord.model_validate(row) for row in table.to_pylist()]
 
 
 @dataclass(frozen=True)

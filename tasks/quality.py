@@ -34,6 +34,7 @@ from radground.schemas import (
     SliceRecord,
     VQARecord,
 )
+from radground.settings import QualitySettings
 from tasks.scrub import KnownPHI, scrub_report
 
 log = logging.getLogger(__name__)
@@ -54,14 +55,6 @@ BBOX_OK, ANSWER_OK, NO_PHI = "bbox_in_image", "answer_in_choices", "no_phi_patte
 # out: their dtype ("object", "str") says nothing reliable about the values.
 _DTYPES = {int: ["int64", "int32", "Int64", "Int32"], float: ["float64", "float32", "Float64", "int64", "Int64"],
            bool: ["bool", "boolean"]}
-
-
-@dataclass(frozen=True)
-class QualityGates:
-    """Table-level thresholds; crossing one fails the build (moves into settings later)."""
-
-    max_quarantine_rate: float = 0.05  # fraction of a table's rows
-    min_grounded_slices: int = 1
 
 
 @dataclass
@@ -288,9 +281,9 @@ def check_table(name: str, table: pa.Table | pd.DataFrame, model: type[BaseModel
     return QualityResult(passed=passed, failed=failed, stats=stats, docs_index=index if index.exists() else None)
 
 
-def check_gates(stats_by_table: dict[str, dict], gates: QualityGates | None = None) -> None:
+def check_gates(stats_by_table: dict[str, dict], gates: QualitySettings | None = None) -> None:
     """Raise QualityGateError when a table-level gate is crossed; the message names gate and numbers."""
-    gates = gates or QualityGates()
+    gates = gates or QualitySettings()
     for name, stats in stats_by_table.items():
         rate = stats["quarantine_rate"]
         if rate > gates.max_quarantine_rate:

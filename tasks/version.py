@@ -23,10 +23,9 @@ import os
 import secrets
 import shutil
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -34,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from radground import __version__
 from radground.errors import RadgroundError
+from radground.settings import VersionSettings
 from radground.tables import parquet_bytes
 
 log = logging.getLogger(__name__)
@@ -56,28 +56,13 @@ class VersionError(RadgroundError):
 # --------------------------------------------------------------------------- splits
 
 
-@dataclass(frozen=True)
-class SplitRatios:
-    """Shares of new patients per split; they must sum to 1."""
-
-    train: float = 0.8
-    val: float = 0.1
-    test: float = 0.1
-
-    def __post_init__(self) -> None:
-        values = (self.train, self.val, self.test)
-        if any(v < 0 for v in values) or abs(sum(values) - 1.0) > 1e-9:
-            raise VersionError(f"split ratios train={self.train}, val={self.val}, test={self.test}: expected "
-                               "non-negative shares that sum to 1. Fix the ratios, e.g. 0.8/0.1/0.1.")
-
-
 def split_position(patient: str, key: bytes) -> float:
     """The patient's stable position in [0, 1): HMAC-SHA256(key, "split" NUL pseudonym)."""
     digest = hmac.new(key, b"split\x00" + patient.encode("utf-8", "surrogatepass"), hashlib.sha256).digest()
     return int.from_bytes(digest[:8], "big") / 2.0**64  # 64 bits: uniform enough, exact in float
 
 
-def assign_splits(patients: Iterable[str], previous: Mapping[str, str], ratios: SplitRatios,
+def assign_splits(patients: Iterable[str], previous: Mapping[str, str], ratios: VersionSettings,
                   key: bytes) -> dict[str, str]:
     """Split of every patient: ``previous`` ones keep theirs; new ones by keyed hash bucket.
 
@@ -256,13 +241,14 @@ def write_version(
     quarantine_counts: dict,
     splits: Mapping[str, str] | None = None,
     shard_target_bytes: int = 128 * 2**20,
-    reuse: Mapping[str, Sequence[Path | str]] | None = None,
+    reuse: Mapping[str, Sequence[Path | str | ReusedShard]] | None = None,
 ) -> Manifest:
     """Write a dataset version folder and return its manifest.
 
-    ``tables``: new rows per table (several Arrow tables of one schema are concatenated, then
-    cut into shards of about ``shard_target_bytes``). ``reuse``: existing shard files per
-    table (normally the parent's) carried over untouched. ``splits``: patient -> split, from
+    ``tables``: new rows per table, in parts (normally one per drop); each part is cut into
+    shards of about ``shard_target_bytes`` on its own, so a drop's shards never depend on the
+    other drops. ``reuse``: existing shard files per table carried over untouched: a path
+    (hashed to check it) or a :class:`ReusedShard` whose hash is already known. ``splits``: patient -> split, from
     :func:`assign_splits`. Raises VersionError if ``out_dir`` already holds a version.
     """
     out_dir = Path(out_dir)
@@ -281,23 +267,15 @@ def write_version(
     for name in sorted(set(tables) | set(reuse)):
         shards: dict[str, ShardEntry] = {}  # by path: a shard listed twice is stored once
         for source in reuse.get(name, ()):
-            entry = _reuse_shard(Path(source), out_dir, name)
+            entry = _reuse_shard(source, out_dir, name)
             shards.setdefault(entry.path, entry)
-        parts = [t for t in tables.get(name, ()) if t.num_rows]
-        if parts:
-            try:
-                combined = pa.concat_tables(parts)
-            except pa.ArrowInvalid as exc:
-                raise VersionError(f"table {name!r}: its parts have different schemas ({exc}). Build every "
-                                   "part with radground.tables.to_arrow and the table's one record model.") from None
-            for chunk in _chunks(combined, shard_target_bytes):
-                data = parquet_bytes(chunk)
-                sha = hashlib.sha256(data).hexdigest()
-                rel = f"{name}/{shard_name(sha)}"
-                path = out_dir / rel
-                if not (path.exists() and _sha256_file(path) == sha):
-                    _write_atomic(path, data)
-                shards.setdefault(rel, ShardEntry(path=rel, sha256=sha, rows=chunk.num_rows))
+        parts = list(tables.get(name, ()))
+        for part in parts:
+            if not part.schema.equals(parts[0].schema):
+                raise VersionError(f"table {name!r}: its parts have different schemas. Build every part with "
+                                   "radground.tables.to_arrow and the table's one record model.")
+            for entry in write_shards(part, out_dir, name, shard_target_bytes):
+                shards.setdefault(entry.path, entry)
         ordered = sorted(shards.values(), key=lambda s: s.path)
         entries[name] = TableEntry(rows=sum(s.rows for s in ordered), shards=ordered)
 
@@ -329,7 +307,38 @@ def write_version(
     return manifest
 
 
-def _reuse_shard(source: Path, out_dir: Path, table: str) -> ShardEntry:
+class ReusedShard(NamedTuple):
+    """A shard file whose content hash and row count are known (from the cache that wrote it)."""
+
+    path: Path
+    sha256: str
+    rows: int
+
+
+def write_shards(table: pa.Table, out_dir: Path, name: str, target_bytes: int) -> list[ShardEntry]:
+    """Cut ``table`` into content-addressed shards under ``out_dir/name``; an equal shard already
+    there is kept, not rewritten."""
+    entries = []
+    for chunk in _chunks(table, target_bytes):
+        data = parquet_bytes(chunk)
+        sha = hashlib.sha256(data).hexdigest()
+        rel = f"{name}/{shard_name(sha)}"
+        path = out_dir / rel
+        if not (path.exists() and _sha256_file(path) == sha):
+            _write_atomic(path, data)
+        entries.append(ShardEntry(path=rel, sha256=sha, rows=chunk.num_rows))
+    return entries
+
+
+def _reuse_shard(source: Path | str | ReusedShard, out_dir: Path, table: str) -> ShardEntry:
+    if isinstance(source, ReusedShard):
+        if source.path.name != shard_name(source.sha256) or not source.path.is_file():
+            raise VersionError(f"shard to reuse {source.path} (table {table!r}) is missing or not named by its "
+                               "hash. Delete the cache folder holding it and rebuild.")
+        rel = f"{table}/{source.path.name}"
+        _carry_over(source.path, out_dir / rel)
+        return ShardEntry(path=rel, sha256=source.sha256, rows=source.rows)
+    source = Path(source)
     if not source.is_file():
         raise VersionError(f"shard to reuse {source} (table {table!r}) does not exist. Pull the parent version "
                            "from the DVC remote first.")

@@ -1,23 +1,35 @@
 """The quality + version stage of a rebuild: check, version, track with DVC, record in MLflow.
 
-What this first cut does: the tables of the drops of one rebuild are checked with the
-great-expectations suites (failing rows move to quarantine; a crossed gate fails the
-build), written as an immutable, content-addressed version (parent = the latest version),
-tracked and pushed with DVC, and recorded as an MLflow run with its lineage index.
-Not yet: incremental rebuilds that carry earlier drops' shards forward, forgetting a
-patient, audit CLIs (see the issue notes).
+A version holds every drop of its parent plus the drops of this rebuild, minus forgotten
+patients. Each drop is checked once per quality key (its ground key + the quality settings
++ the code version): the passed rows are cut into content-addressed shards under
+``<data_dir>/cache/quality/<drop>/<key16>/`` and later versions carry those shards over by hard
+link, untouched, so adding a drop writes only that drop's shards ("a new drop adds shards; it
+never rewrites the shards of earlier drops"). Only a drop whose rows change after the check
+(a forgotten patient, a record an earlier drop already delivered) is re-sharded.
+
+A version whose digest is already recorded (DVC pushed and MLflow run written) is current:
+a rebuild that changes nothing stops there. Push or record failing leaves it unrecorded, so
+the next rebuild retries exactly those steps.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
+from radground import __version__
+from radground.buildstate import forgotten_patients, read_record
 from radground.dvc import DvcRepo
 from radground.keys import load_key
 from radground.lineage import LineageRecord, record_build, write_lineage
@@ -26,13 +38,27 @@ from radground.settings import Settings
 from radground.store import ObjectStore, open_store
 from radground.tables import read_table, to_arrow
 from tasks.quality import check_gates, check_table
-from tasks.version import SplitRatios, assign_splits, read_manifest, read_splits, write_version
+from tasks.version import (
+    ReusedShard,
+    VersionError,
+    assign_splits,
+    read_manifest,
+    read_splits,
+    write_shards,
+    write_version,
+)
 
 LATEST = "LATEST"  # a file in the versions folder naming the newest version's folder
+TABLES = {"images": ImageRecord, "reports": ReportRecord, "grounding": GroundingRecord, "vqa": VQARecord}
 
 
 def versions_root(settings: Settings) -> Path:
     return (settings.data_dir / "versions").resolve()
+
+
+def latest_version_dir(settings: Settings) -> Path | None:
+    root = versions_root(settings)
+    return root / (root / LATEST).read_text().strip() if (root / LATEST).exists() else None
 
 
 def _concat(store: ObjectStore, keys: Sequence[str], model) -> pa.Table:
@@ -41,8 +67,7 @@ def _concat(store: ObjectStore, keys: Sequence[str], model) -> pa.Table:
 
 
 # A record that two drops both deliver (a re-sent study) is one record: the same key and
-# content. Such exact repeats are merged (first drop wins) and counted; anything that
-# differs under the same id is left for the quality suites to reject.
+# content. Such exact repeats are merged (first drop wins) and counted.
 _SAME_RECORD = {
     "images": ("image_id", "source_sha256"),
     "reports": ("study_uid", "language", "text"),
@@ -51,90 +76,240 @@ _SAME_RECORD = {
 }
 
 
-def _merge_repeats(name: str, table: pa.Table) -> tuple[pa.Table, int]:
-    columns = _SAME_RECORD[name]
-    seen, keep = set(), []
-    for index, row in enumerate(zip(*(table.column(c).to_pylist() for c in columns), strict=True)):
-        key = tuple(tuple(v) if isinstance(v, list) else v for v in row)
+def _record_keys(name: str, table: pa.Table) -> list[tuple]:
+    columns = [table.column(c).to_pylist() for c in _SAME_RECORD[name]]
+    return [tuple(tuple(v) if isinstance(v, list) else v for v in row) for row in zip(*columns, strict=True)]
+
+
+def _drop_repeats(name: str, table: pa.Table, seen: set[tuple]) -> tuple[pa.Table, int]:
+    """Remove rows already in ``seen`` (or earlier in the table); add the kept ones to ``seen``."""
+    keep = []
+    for index, key in enumerate(_record_keys(name, table)):
         if key not in seen:
             seen.add(key)
             keep.append(index)
+    if len(keep) == table.num_rows:
+        return table, 0
     return table.take(pa.array(keep, type=pa.int64())), table.num_rows - len(keep)
 
 
-def _gather(store: ObjectStore, drop_ids: Sequence[str]) -> dict[str, tuple[pa.Table, type]]:
-    images = [k for d in drop_ids for k in store.list(f"ingest/{d}/images/")]
+# ------------------------------------------------------------------------------- one drop, checked
+@dataclass
+class CheckedDrop:
+    """One drop after its quality checks: shards per table, quarantine rows, per-table stats."""
+
+    drop_id: str
+    folder: Path
+    shards: dict[str, list[ReusedShard]]
+    stats: dict[str, dict]
+    docs: str | None
+    quarantine: pa.Table = field(repr=False)
+
+    def table(self, name: str) -> pa.Table:
+        parts = [pq.read_table(s.path) for s in self.shards.get(name, [])]
+        return pa.concat_tables(parts) if parts else arrow_schema(TABLES[name]).empty_table()
+
+
+def quality_key(store: ObjectStore, drop_id: str, settings: Settings) -> str:
+    ground = read_record(store, "ground", drop_id)
+    if ground is None:
+        raise VersionError(f"drop {drop_id} has no finished ground stage, so it cannot be versioned. Rebuild it "
+                           "(radground rebuild DROP).")
+    blob = json.dumps({"ground": ground.key, "quality": settings.stage_hash("quality"),
+                       "version": settings.stage_hash("version"), "code_version": __version__}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def check_drop(store: ObjectStore, drop_id: str, settings: Settings) -> CheckedDrop:
+    """The checked shards of one drop: from the cache when its quality key matches, else checked now."""
+    key = quality_key(store, drop_id, settings)
+    folder = settings.data_dir.resolve() / "cache" / "quality" / drop_id / key[:16]
+    result = folder / "result.json"
+    if not result.exists():
+        _check_into(store, drop_id, settings, folder)
+    saved = json.loads(result.read_text(encoding="utf-8"))
+    shards = {name: [ReusedShard(folder / s["path"], s["sha256"], s["rows"]) for s in entries]
+              for name, entries in saved["shards"].items()}
+    return CheckedDrop(drop_id=drop_id, folder=folder, shards=shards, stats=saved["stats"], docs=saved["docs"],
+                       quarantine=pq.read_table(folder / "quarantine.parquet"))
+
+
+def _gather(store: ObjectStore, drop_id: str) -> dict[str, pa.Table]:
+    ingest = read_record(store, "ingest", drop_id)
+    images = list(ingest.handoff.get("image_keys", [])) if ingest else []
     return {
-        "images": (_concat(store, images, ImageRecord), ImageRecord),
-        "reports": (_concat(store, [f"curate/{d}/reports.parquet" for d in drop_ids], ReportRecord), ReportRecord),
-        "grounding": (_concat(store, [f"ground/{d}/grounding.parquet" for d in drop_ids], GroundingRecord),
-                      GroundingRecord),
-        "vqa": (_concat(store, [f"{s}/{d}/vqa.parquet" for d in drop_ids for s in ("curate", "ground")],
-                        VQARecord), VQARecord),
+        "images": _concat(store, images, ImageRecord),
+        "reports": _concat(store, [f"curate/{drop_id}/reports.parquet"], ReportRecord),
+        "grounding": _concat(store, [f"ground/{drop_id}/grounding.parquet"], GroundingRecord),
+        "vqa": _concat(store, [f"{s}/{drop_id}/vqa.parquet" for s in ("curate", "ground")], VQARecord),
     }
 
 
-def publish(drop_ids: Sequence[str], settings: Settings, stage_counts: Mapping[str, float],
-            stage_seconds: Mapping[str, float]) -> dict:
-    """Check, version, track and record the rebuild of ``drop_ids``; returns the version summary."""
-    store = open_store(settings)
-    build_id = drop_ids[0] if len(drop_ids) == 1 else f"{drop_ids[0]}+{len(drop_ids) - 1}"
-    checked, stats, rejected, merged = {}, {}, [], {}
-    for name, (table, model) in _gather(store, drop_ids).items():
-        table, merged[name] = _merge_repeats(name, table)
-        result = check_table(name, table, model, data_dir=settings.data_dir, drop_id=build_id)
-        checked[name], stats[name] = result.passed, result.stats
+def _check_into(store: ObjectStore, drop_id: str, settings: Settings, folder: Path) -> None:
+    building = folder.with_name(f".building-{folder.name}-{os.getpid()}")
+    shutil.rmtree(building, ignore_errors=True)
+    target = int(settings.version.shard_target_mb * 2**20)
+    stats, shards, rejected, docs = {}, {}, [], None
+    for name, table in _gather(store, drop_id).items():
+        table, repeats = _drop_repeats(name, table, set())
+        result = check_table(name, table, TABLES[name], data_dir=settings.data_dir, drop_id=drop_id)
+        stats[name] = result.stats | {"repeats_merged": repeats}
         rejected += result.failed
-        docs = result.docs_index
-    check_gates(stats)  # QualityGateError names the gate and the numbers
+        docs = str(result.docs_index) if result.docs_index else docs
+        shards[name] = [e.model_dump() for e in write_shards(result.passed, building, name, target)]
+    stage_quarantine = _concat(store, [f"{s}/{drop_id}/quarantine.parquet" for s in ("ingest", "curate", "segment")],
+                               QuarantineRecord)
+    quarantine = pa.concat_tables([stage_quarantine, to_arrow(rejected, QuarantineRecord)])
+    pq.write_table(quarantine, building / "quarantine.parquet")
+    (building / "result.json").write_text(json.dumps({"shards": shards, "stats": stats, "docs": docs}, indent=1))
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(folder, ignore_errors=True)
+    building.rename(folder)  # result.json inside appears with the folder, so a cache entry is whole or absent
 
-    quarantine = _concat(store, [f"{s}/{d}/quarantine.parquet" for d in drop_ids
-                                 for s in ("ingest", "curate", "segment")], QuarantineRecord)
-    quarantine = pa.concat_tables([quarantine, to_arrow(rejected, QuarantineRecord)])
+
+# ------------------------------------------------------------------------------- the version
+def _patient_filter(tables: dict[str, pa.Table], forgotten: set[str]) -> tuple[dict[str, pa.Table], set[str]]:
+    """Drop every row of a forgotten patient; also returns their study and series uids (for quarantine)."""
+    if not forgotten:
+        return tables, set()
+    refs: set[str] = set()
+    wanted = pa.array(sorted(forgotten), pa.string())
+    out = {}
+    for name, table in tables.items():
+        mine = pc.is_in(table.column("patient_pseudonym"), value_set=wanted)
+        gone = table.filter(mine)
+        refs |= set(gone.column("study_uid").to_pylist())
+        if "series_uid" in gone.column_names:
+            refs |= set(gone.column("series_uid").to_pylist())
+        out[name] = table.filter(pc.invert(mine))
+    return out, refs
+
+
+def _version_parts(drops: Sequence[CheckedDrop], forgotten: set[str]) -> tuple[dict, dict, pa.Table, dict]:
+    """Per table: the shards to carry over and the re-sharded parts; plus quarantine and merge counts."""
+    reuse: dict[str, list] = {name: [] for name in TABLES}
+    parts: dict[str, list[pa.Table]] = {name: [] for name in TABLES}
+    seen: dict[str, set] = {name: set() for name in TABLES}
+    merged: Counter = Counter()
+    quarantine = []
+    for drop in drops:
+        tables = {name: drop.table(name) for name in TABLES}
+        kept, refs = _patient_filter(tables, forgotten)
+        changed = {name for name in TABLES if kept[name].num_rows != tables[name].num_rows}
+        for name in TABLES:
+            kept[name], repeats = _drop_repeats(name, kept[name], seen[name])
+            merged[name] += repeats
+            if repeats:
+                changed.add(name)
+        for name in TABLES:
+            if name in changed:
+                parts[name].append(kept[name])
+            else:  # untouched since the check: its shards are carried over, not rewritten
+                reuse[name] += drop.shards.get(name, [])
+        q = drop.quarantine
+        if refs:
+            q = q.filter(pc.invert(pc.fill_null(pc.is_in(q.column("ref"), value_set=pa.array(sorted(refs))), False)))
+        quarantine.append(q.cast(arrow_schema(QuarantineRecord)))
+    table = pa.concat_tables(quarantine) if quarantine else arrow_schema(QuarantineRecord).empty_table()
+    return reuse, parts, table, dict(merged)
+
+
+def _gate_stats(drops: Sequence[CheckedDrop]) -> dict[str, dict]:
+    totals: dict[str, dict] = {}
+    for drop in drops:
+        for name, stats in drop.stats.items():
+            t = totals.setdefault(name, {"table": name, "rows": 0, "quarantined": 0, "by_reason": Counter()})
+            t["rows"] += stats["rows"]
+            t["quarantined"] += stats["quarantined"]
+            t["by_reason"].update(stats["by_reason"])
+            if "grounded_slices" in stats:
+                t["grounded_slices"] = t.get("grounded_slices", 0) + stats["grounded_slices"]
+    for t in totals.values():
+        t["quarantine_rate"] = t["quarantined"] / t["rows"] if t["rows"] else 0.0
+        t["by_reason"] = dict(t["by_reason"])
+    return totals
+
+
+def version_drops(build_drops: Sequence[str], settings: Settings) -> list[str]:
+    """The drops the next version holds: the latest version's, then this build's new ones."""
+    latest = latest_version_dir(settings)
+    earlier = read_manifest(latest).drops if latest else []
+    return list(dict.fromkeys([*earlier, *build_drops]))
+
+
+def publish(build_drops: Sequence[str], settings: Settings, stage_counts: Mapping[str, float],
+            stage_seconds: Mapping[str, float], *, reason: str = "rebuild") -> dict:
+    """Check, version, track and record a version = the latest one's drops + ``build_drops``,
+    without forgotten patients; returns the version summary."""
+    store = open_store(settings)
+    drops = version_drops(build_drops, settings)
+    checked = [check_drop(store, drop_id, settings) for drop_id in drops]
+    stats = _gate_stats(checked)
+    check_gates(stats, settings.quality)  # QualityGateError names the gate and the numbers
+    forgotten = forgotten_patients(settings)
+    reuse, parts, quarantine, merged = _version_parts(checked, forgotten)
+
     root = versions_root(settings)
     root.mkdir(parents=True, exist_ok=True)
-    parent_dir = root / (root / LATEST).read_text().strip() if (root / LATEST).exists() else None
+    parent_dir = latest_version_dir(settings)
     parent = read_manifest(parent_dir) if parent_dir else None
-    patients = checked["images"].column("patient_pseudonym").to_pylist()
-    splits = assign_splits(patients, read_splits(parent_dir) if parent_dir else {}, SplitRatios(),
-                           load_key(settings))
+    patients = set()
+    for shard in [*reuse["images"], *parts["images"]]:
+        table = pq.read_table(shard.path, columns=["patient_pseudonym"]) if isinstance(shard, ReusedShard) else shard
+        patients |= set(table.column("patient_pseudonym").to_pylist())
+    previous = {p: s for p, s in (read_splits(parent_dir) if parent_dir else {}).items() if p not in forgotten}
+    splits = assign_splits(sorted(patients), previous, settings.version, load_key(settings))
     building = root / f".building-{os.getpid()}"
     shutil.rmtree(building, ignore_errors=True)
     manifest = write_version(
-        {name: [table] for name, table in checked.items()} | {"quarantine": [quarantine]},
-        out_dir=building, parent=parent, drops=list(drop_ids), settings_hash=settings.settings_hash(),
-        quarantine_counts=dict(Counter(quarantine.column("reason").to_pylist())), splits=splits)
+        parts | {"quarantine": [quarantine]}, reuse=reuse, out_dir=building, parent=parent, drops=drops,
+        settings_hash=settings.content_hash(), quarantine_counts=dict(Counter(quarantine.column("reason").to_pylist())),
+        splits=splits, shard_target_bytes=int(settings.version.shard_target_mb * 2**20))
     version_dir = root / manifest.digest[:16]
     if version_dir.exists():  # same inputs and settings: the same version, already there
         shutil.rmtree(building)
+        manifest = read_manifest(version_dir)
     else:
         building.rename(version_dir)
     (root / LATEST).write_text(version_dir.name + "\n")
+    summary = {"digest": manifest.digest, "parent_digest": manifest.parent_digest, "version_dir": str(version_dir),
+               "drops": drops, "rows": {name: entry.rows for name, entry in manifest.tables.items()},
+               "objects": sum(len(e.shards) for e in manifest.tables.values()) + 2,
+               "quality_quarantined": sum(s["quarantined"] for s in stats.values()),
+               "repeats_merged": {name: n for name, n in merged.items() if n},
+               "data_docs": next((d.docs for d in reversed(checked) if d.docs), None), "forgotten": len(forgotten)}
+    recorded = settings.data_dir.resolve() / "state" / "recorded" / version_dir.name
+    if recorded.exists():  # pushed and recorded by an earlier rebuild: nothing changed
+        return summary | json.loads(recorded.read_text()) | {"unchanged": True}
 
-    images = checked["images"]
-    lineage = [LineageRecord(image_id=r["image_id"], drop_id=r["drop_id"], source_sha256=r["source_sha256"],
-                             series_uid=r["series_uid"], study_uid=r["study_uid"],
-                             patient_pseudonym=r["patient_pseudonym"], version_digest=manifest.digest)
-               for r in images.select(["image_id", "drop_id", "source_sha256", "series_uid", "study_uid",
-                                       "patient_pseudonym"]).to_pylist()]
-    write_lineage(lineage, settings.data_dir.resolve() / "lineage" / f"{manifest.digest[:16]}.parquet")
-
+    _write_lineage(version_dir, manifest.digest, settings)
     dvc = DvcRepo(root, settings)
     dvc.init()
     dvc.track(version_dir)
     pushed = dvc.push()
-    run_id = record_build(settings, manifest=manifest.model_dump(mode="json"), drops=list(drop_ids),
+    docs = [Path(summary["data_docs"]).parent] if summary["data_docs"] else []
+    run_id = record_build(settings, manifest=manifest.model_dump(mode="json"), drops=drops,
                           stage_counts=dict(stage_counts), stage_seconds=dict(stage_seconds),
-                          artifacts=[version_dir / "manifest.json", Path(docs).parent], version_uri=version_dir)
-    return {"digest": manifest.digest, "parent_digest": manifest.parent_digest, "version_dir": str(version_dir),
-            "rows": {name: entry.rows for name, entry in manifest.tables.items()}, "dvc_files_pushed": pushed,
-            "mlflow_run": run_id, "data_docs": str(docs), "quality_quarantined": len(rejected),
-            "repeats_merged": {name: n for name, n in merged.items() if n}}
+                          artifacts=[version_dir / "manifest.json", *docs], version_uri=version_dir)
+    recorded.parent.mkdir(parents=True, exist_ok=True)
+    recorded.write_text(json.dumps({"mlflow_run": run_id, "reason": reason}) + "\n")
+    return summary | {"mlflow_run": run_id, "dvc_files_pushed": pushed, "unchanged": False}
+
+
+def _write_lineage(version_dir: Path, digest: str, settings: Settings) -> None:
+    manifest = read_manifest(version_dir)
+    columns = ["image_id", "drop_id", "source_sha256", "series_uid", "study_uid", "patient_pseudonym"]
+    tables = [pq.read_table(version_dir / s.path, columns=columns) for s in manifest.tables["images"].shards]
+    images = pa.concat_tables(tables) if tables else arrow_schema(ImageRecord).empty_table().select(columns)
+    lineage = [LineageRecord(**row, version_digest=digest) for row in images.to_pylist()]
+    write_lineage(lineage, settings.data_dir.resolve() / "lineage" / f"{digest[:16]}.parquet")
 
 
 def summary_line(summary: dict) -> str:
     rows = ", ".join(f"{n} {name}" for name, n in summary["rows"].items())
     merged = sum(summary["repeats_merged"].values())
-    return (f"version {summary['digest'][:16]} ({rows}; {summary['quality_quarantined']} rows failed quality"
+    state = "unchanged, " if summary.get("unchanged") else ""
+    return (f"version {summary['digest'][:16]} ({state}{len(summary['drops'])} drop(s); {rows}; "
+            f"{summary['quality_quarantined']} rows failed quality"
             + (f", {merged} re-delivered rows merged" if merged else "") + ") "
             f"in {summary['version_dir']}; MLflow run {summary['mlflow_run']}; data docs {summary['data_docs']}")

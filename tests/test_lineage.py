@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from radground.lineage import (
-    BUILD_EXPERIMENT,
     LineageError,
     LineageRecord,
     lineage_index,
@@ -68,7 +67,7 @@ def _build(settings, tmp_path, digest=VERSION_A, **extra):
 def test_record_build_logs_params_metrics_artifacts_and_input(settings, tmp_path):
     run_id, manifest = _build(settings, tmp_path)
     client = _client(settings)
-    experiment = client.get_experiment_by_name(BUILD_EXPERIMENT)
+    experiment = client.get_experiment_by_name(settings.mlflow.build_experiment)
     run = client.get_run(run_id)
     assert run.info.experiment_id == experiment.experiment_id
     assert run.info.status == "FINISHED"
@@ -235,7 +234,7 @@ def test_where_used_lists_the_runs_that_consumed_the_versions(versions, settings
     run_b, _ = _build(settings, tmp_path, digest=VERSION_B)
     index = lineage_index(root, settings=settings)
     runs = index.where_used(p["p4"])["runs"]
-    assert runs == [{"run_id": run_a, "experiment": BUILD_EXPERIMENT, "version_digest": VERSION_A,
+    assert runs == [{"run_id": run_a, "experiment": settings.mlflow.build_experiment, "version_digest": VERSION_A,
                      "context": "build"}]
     assert {r["run_id"] for r in index.where_used(p["p2"])["runs"]} == {run_a, run_b}
     assert {r["run_id"] for r in index.where_used(p["p3"])["runs"]} == {run_b}

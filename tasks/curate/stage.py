@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from radground.schemas import KeywordItem, QuarantineRecord, ReportRecord, SentenceItem, VQARecord
 from radground.settings import Settings
 from radground.store import open_store
-from radground.tables import write_table
+from radground.tables import read_table, write_table
 from tasks.curate.base import ExtractionFailure, Keyword, KeywordExtractor
 from tasks.curate.sentences import split_sentences
 from tasks.curate.vqa import study_vqa
@@ -212,6 +212,12 @@ def finish_curate(drop_id: str, outcomes: Sequence[CurateOutcome], settings: Set
     }
     store.put(prefix + "summary.json", json.dumps(summary, indent=1, sort_keys=True).encode())
     return summary
+
+
+def read_curated(drop_id: str, settings: Settings) -> list[ReportRecord]:
+    """The curated reports an earlier curate of ``drop_id`` wrote (for a ground stage run again)."""
+    table = read_table(open_store(settings), f"{STAGE}/{drop_id}/reports.parquet")
+    return [ReportRecord.model_validate(row) for row in table.to_pylist()]
 
 
 def summary_line(summary: dict) -> str:

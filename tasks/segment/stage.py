@@ -155,6 +155,16 @@ def summarise(drop_id: str, outcomes: Sequence[SegmentOutcome], settings: Settin
     return summary
 
 
+def handoff(outcomes: Sequence[SegmentOutcome]) -> dict:
+    """What the ground stage needs from segmentation, as JSON (kept in the stage record)."""
+    study_images: dict[str, list[str]] = {}
+    for o in outcomes:
+        study_images.setdefault(o.study_uid, []).extend(o.image_ids)
+    return {"mask_keys": [o.mask_key for o in outcomes if o.mask_key],
+            "modalities": {o.study_uid: o.modality for o in outcomes if o.mask_key},
+            "study_images": study_images}
+
+
 def summary_line(summary: dict) -> str:
     top = ", ".join(f"{name} {n}" for name, n in list(summary["class_slices"].items())[:5])
     return (f"segment {summary['drop_id']}: {summary['series_segmented']}/{summary['series']} series, "

@@ -11,7 +11,8 @@ import pytest
 from radground.errors import QualityGateError
 from radground.labels import label_map
 from radground.schemas import GroundingRecord, ImageRecord, ReportRecord, VQARecord, arrow_schema
-from tasks.quality import QualityGates, check_gates, check_table, suite_for
+from radground.settings import QualitySettings
+from tasks.quality import check_gates, check_table, suite_for
 
 DROP = "2026-11-A"
 
@@ -135,7 +136,7 @@ def test_missing_column_quarantines_every_row(tmp_path):
 
 
 def test_gates_pass_within_limits():
-    check_gates({"grounding": {"rows": 400, "quarantine_rate": 0.05, "grounded_slices": 3}}, QualityGates())
+    check_gates({"grounding": {"rows": 400, "quarantine_rate": 0.05, "grounded_slices": 3}}, QualitySettings())
 
 
 def test_quarantine_rate_gate_names_the_numbers():
@@ -143,7 +144,7 @@ def test_quarantine_rate_gate_names_the_numbers():
              "grounding": {"rows": 400, "quarantine_rate": 30 / 400, "grounded_slices": 50}}
     with pytest.raises(QualityGateError, match=r"gate max_quarantine_rate: 7\.5% of 400 rows quarantined in "
                                                r"table grounding \(limit 5\.0%\)"):
-        check_gates(stats, QualityGates(max_quarantine_rate=0.05))
+        check_gates(stats, QualitySettings(max_quarantine_rate=0.05))
 
 
 def test_zero_grounded_slices_gate():

@@ -13,13 +13,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from radground.dvc import DvcError, DvcRepo
-from radground.errors import StoreUnreachableError
+from radground.errors import ConfigError, StoreUnreachableError
 from radground.schemas import ImageRecord
-from radground.settings import load_settings
+from radground.settings import VersionSettings, load_settings
 from radground.tables import to_arrow
 from tasks.version import (
     MANIFEST_FILE,
-    SplitRatios,
     VersionError,
     assign_splits,
     read_manifest,
@@ -182,7 +181,7 @@ def test_read_manifest_of_an_incomplete_folder(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- splits
 
 
-def expected_split(patient: str, ratios: SplitRatios) -> str:
+def expected_split(patient: str, ratios: VersionSettings) -> str:
     digest = hmac.new(KEY, b"split\x00" + patient.encode(), hashlib.sha256).digest()
     x = int.from_bytes(digest[:8], "big") / 2**64
     return "train" if x < ratios.train else "val" if x < ratios.train + ratios.val else "test"
@@ -190,36 +189,36 @@ def expected_split(patient: str, ratios: SplitRatios) -> str:
 
 def test_splits_are_deterministic_and_follow_the_keyed_hash() -> None:
     patients = [f"2.25.{i}" for i in range(200)]
-    a = assign_splits(patients, {}, SplitRatios(), KEY)
-    assert a == assign_splits(reversed(patients), {}, SplitRatios(), KEY)
-    assert a == {p: expected_split(p, SplitRatios()) for p in patients}
-    assert a != assign_splits(patients, {}, SplitRatios(), b"other-key" * 4)
+    a = assign_splits(patients, {}, VersionSettings(), KEY)
+    assert a == assign_splits(reversed(patients), {}, VersionSettings(), KEY)
+    assert a == {p: expected_split(p, VersionSettings()) for p in patients}
+    assert a != assign_splits(patients, {}, VersionSettings(), b"other-key" * 4)
 
 
 def test_split_ratios_respected_over_10000_patients() -> None:
-    splits = assign_splits((f"2.25.{i}" for i in range(10_000)), {}, SplitRatios(0.7, 0.2, 0.1), KEY)
+    splits = assign_splits((f"2.25.{i}" for i in range(10_000)), {}, VersionSettings(train=0.7, val=0.2, test=0.1), KEY)
     counts = {name: list(splits.values()).count(name) / 10_000 for name in ("train", "val", "test")}
     assert counts == pytest.approx({"train": 0.7, "val": 0.2, "test": 0.1}, abs=0.02)
 
 
 def test_a_patient_never_moves_even_when_ratios_change(tmp_path: Path) -> None:
     first = [f"2.25.{i}" for i in range(1000)]
-    v1 = assign_splits(first, {}, SplitRatios(0.8, 0.1, 0.1), KEY)
+    v1 = assign_splits(first, {}, VersionSettings(train=0.8, val=0.1, test=0.1), KEY)
     write(tmp_path / "v1", splits=v1)
     previous = read_splits(tmp_path / "v1")
     assert previous == v1
     more = first + [f"2.25.{i}" for i in range(1000, 2000)]
-    v2 = assign_splits(more, previous, SplitRatios(0.2, 0.4, 0.4), KEY)
+    v2 = assign_splits(more, previous, VersionSettings(train=0.2, val=0.4, test=0.4), KEY)
     assert all(v2[p] == v1[p] for p in first)
     new = [v2[p] for p in more[1000:]]
     assert new.count("train") < 350  # the new patients follow the new ratios (expected ~200)
 
 
 def test_bad_ratios_and_bad_previous_splits_are_refused() -> None:
-    with pytest.raises(VersionError, match="sum to 1"):
-        SplitRatios(0.8, 0.1, 0.2)
+    with pytest.raises(ConfigError, match="sum to 1"):
+        load_settings(version={"train": 0.8, "val": 0.1, "test": 0.2})
     with pytest.raises(VersionError, match="unknown split"):
-        assign_splits([], {"P": "holdout"}, SplitRatios(), KEY)
+        assign_splits([], {"P": "holdout"}, VersionSettings(), KEY)
 
 
 # --------------------------------------------------------------------------- DVC

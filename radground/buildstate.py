@@ -1,0 +1,200 @@
+"""What one rebuild leaves for the next: stage records, the drop registry, the forgotten patients.
+
+Incremental rebuilds rest on three facts kept here:
+
+* **Stage records.** When a stage finishes a drop it writes ``<stage>/<drop_id>/_stage.json``
+  last, after its outputs, holding the stage key it ran under, its summary, and the PHI-free
+  hand-off the next stage needs (shard keys, mask keys). The key hashes the drop's content id,
+  the upstream stages' keys, the settings of this stage (:meth:`Settings.stage_hash`) and the
+  code version, so a setting of one stage invalidates that stage and every stage after it. A
+  rebuild killed mid-stage leaves no record, so the next one redoes that stage and no more.
+* **The drop registry** (``<data_dir>/state/drops.json``): drop id -> where it was read from
+  and a cheap fingerprint of its listing (relative path, size, mtime). A drop whose fingerprint
+  is unchanged is not even re-hashed. Locations stay on this machine: never in a version,
+  an MLflow run or a log line.
+* **Forgotten patients** (``<data_dir>/state/forgotten.json``): pseudonyms only; every later
+  version leaves their records out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from radground import __version__
+from radground.errors import ObjectNotFoundError, RadgroundError
+from radground.keys import load_key
+from radground.settings import Settings
+from radground.store import ObjectStore
+
+STAGES = ("ingest", "curate", "segment", "ground")
+UPSTREAM = {"ingest": (), "curate": ("ingest",), "segment": ("ingest",), "ground": ("curate", "segment")}
+RECORD_FILE = "_stage.json"
+
+
+class BuildStateError(RadgroundError):
+    """The build state under data_dir is damaged or does not fit the request."""
+
+
+class StageRecord(BaseModel):
+    """A finished stage of one drop. PHI-free: pseudonymous ids and store keys only."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    stage: str
+    drop_id: str
+    key: str
+    summary: dict[str, Any]
+    handoff: dict[str, Any] = {}
+    finished_at: str = ""  # informational; never part of a key
+
+
+def _sha(payload: Any) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def key_fingerprint(settings: Settings) -> str:
+    """A public stand-in for the de-identification key: pseudonyms change with the key, so the
+    ingest key must too, and the key itself must never enter a hash that is stored."""
+    return hmac.new(load_key(settings), b"radground stage key", hashlib.sha256).hexdigest()[:16]
+
+
+def stage_keys(drop_id: str, settings: Settings) -> dict[str, str]:
+    """The key every stage of ``drop_id`` runs under with these settings and this code."""
+    keys: dict[str, str] = {}
+    for stage in STAGES:
+        keys[stage] = _sha({
+            "stage": stage, "drop_id": drop_id, "code_version": __version__,
+            "settings": settings.stage_hash(stage), "upstream": [keys[u] for u in UPSTREAM[stage]],
+            "deid_key": key_fingerprint(settings) if stage == "ingest" else "",
+        })
+    return keys
+
+
+def record_key(stage: str, drop_id: str) -> str:
+    return f"{stage}/{drop_id}/{RECORD_FILE}"
+
+
+def read_record(store: ObjectStore, stage: str, drop_id: str) -> StageRecord | None:
+    try:
+        data = store.get(record_key(stage, drop_id))
+    except ObjectNotFoundError:
+        return None
+    try:
+        return StageRecord.model_validate_json(data)
+    except ValidationError:
+        return None  # a damaged record is a missing one: the stage runs again
+
+
+def write_record(store: ObjectStore, stage: str, drop_id: str, key: str, summary: Mapping[str, Any],
+                 handoff: Mapping[str, Any] | None = None) -> StageRecord:
+    """Mark ``stage`` of ``drop_id`` done under ``key``; call it after every output is written."""
+    record = StageRecord(stage=stage, drop_id=drop_id, key=key, summary=dict(summary), handoff=dict(handoff or {}),
+                         finished_at=datetime.now(UTC).isoformat(timespec="seconds"))
+    store.put(record_key(stage, drop_id), record.model_dump_json(indent=1).encode())
+    return record
+
+
+def fresh_records(store: ObjectStore, drop_id: str, keys: Mapping[str, str]) -> dict[str, StageRecord]:
+    """The stages of ``drop_id`` whose record matches its current key (and all its upstream ones)."""
+    fresh: dict[str, StageRecord] = {}
+    for stage in STAGES:
+        record = read_record(store, stage, drop_id)
+        if record is not None and record.key == keys[stage] and all(u in fresh for u in UPSTREAM[stage]):
+            fresh[stage] = record
+    return fresh
+
+
+# ------------------------------------------------------------------------------- drop registry
+def _state_dir(settings: Settings) -> Path:
+    path = settings.data_dir.resolve() / "state"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _read_json(path: Path, default: Any) -> Any:
+    if not path.exists():
+        return default
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        raise BuildStateError(f"{path} is not valid JSON (damaged by a crash or an edit?). Restore it from a "
+                              "backup, or delete it: the next rebuild then re-hashes every drop.") from None
+
+
+def _write_json(path: Path, value: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(value, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def listing_fingerprint(root: Path, relative_paths: Iterable[str]) -> str:
+    """sha256 over (path, size, mtime) of a local drop's files: changes when any file does."""
+    entries = []
+    for rel in relative_paths:
+        stat = (root / rel).stat()
+        entries.append((rel, stat.st_size, stat.st_mtime_ns))
+    return _sha(entries)
+
+
+class DropRegistry:
+    """drop id -> location and listing fingerprint, under ``<data_dir>/state/drops.json``."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.path = _state_dir(settings) / "drops.json"
+        self._lock = FileLock(str(self.path) + ".lock")
+
+    def entries(self) -> dict[str, dict[str, str]]:
+        return _read_json(self.path, {})
+
+    def drop_for(self, location: str, fingerprint: str | None) -> str | None:
+        """The drop id last seen at ``location`` with this exact listing, or None."""
+        if fingerprint is None:
+            return None
+        for drop_id, entry in self.entries().items():
+            if entry.get("location") == location and entry.get("fingerprint") == fingerprint:
+                return drop_id
+        return None
+
+    def location_of(self, drop_id: str) -> str | None:
+        return self.entries().get(drop_id, {}).get("location")
+
+    def remember(self, drop_id: str, location: str, fingerprint: str | None) -> None:
+        with self._lock:
+            entries = self.entries()
+            entries[drop_id] = {"location": location, "fingerprint": fingerprint or ""}
+            _write_json(self.path, entries)
+
+
+# ------------------------------------------------------------------------------- forgotten patients
+def forgotten_patients(settings: Settings) -> set[str]:
+    """Pseudonyms that no later version may contain."""
+    return set(_read_json(_state_dir(settings) / "forgotten.json", []))
+
+
+def forget_patients(settings: Settings, pseudonyms: Sequence[str]) -> set[str]:
+    """Add pseudonyms to the exclusion list; returns the whole list."""
+    path = _state_dir(settings) / "forgotten.json"
+    with FileLock(str(path) + ".lock"):
+        patients = set(_read_json(path, [])) | set(pseudonyms)
+        _write_json(path, sorted(patients))
+    return patients
+
+
+def clear_stage(store: ObjectStore, stage: str, drop_id: str) -> int:
+    """Delete a stage's outputs of one drop before it runs again (record first, so a crash in
+    between leaves the stage unfinished, never finished with half its old outputs)."""
+    prefix = f"{stage}/{drop_id}/"
+    keys = sorted(store.list(prefix), key=lambda k: not k.endswith(RECORD_FILE))
+    for key in keys:
+        store.delete(key)
+    return len(keys)
