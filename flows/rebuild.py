@@ -15,14 +15,14 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from filelock import FileLock, Timeout
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 from prefect_ray import RayTaskRunner
 
 from radground import buildstate
-from radground.errors import RadgroundError, StoreAuthError, StoreError
+from radground.buildstate import RebuildLockedError  # noqa: F401 - raised by run_rebuild
+from radground.errors import StoreAuthError, StoreError
 from radground.runtime import prefect_api, ray_init_kwargs, report_progress
 from radground.settings import Settings
 from radground.store import open_store
@@ -248,30 +248,15 @@ def _all_cached(drops: Sequence[str], settings: Settings) -> list[DropResult] | 
     return list(results.values())
 
 
-class RebuildLockedError(RadgroundError):
-    """Another rebuild is running on the same data_dir."""
-
-
 def run_rebuild(drops: Sequence[str], settings: Settings) -> list[DropResult]:
     """Run the flow on the configured runtime (embedded Prefect API + local Ray by default).
 
-    One rebuild at a time per data_dir: two at once could interleave the writes of one
-    version, so the second waits for the first (``rebuild_lock_timeout_s``) or fails.
+    One rebuild at a time per data_dir (:func:`radground.buildstate.rebuild_lock`).
     """
     for location in drops:
         discover.DropReader(location, settings)  # reject a missing drop before anything starts
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(settings.data_dir / "rebuild.lock")
-    try:
-        lock.acquire(timeout=settings.rebuild_lock_timeout_s)
-    except Timeout:
-        raise RebuildLockedError(
-            f"another rebuild holds {lock.lock_file} (waited {settings.rebuild_lock_timeout_s:g} s). Let it "
-            "finish, or raise rebuild_lock_timeout_s to wait longer.") from None
-    try:
+    with buildstate.rebuild_lock(settings):
         return _run_locked(drops, settings)
-    finally:
-        lock.release()
 
 
 def _run_locked(drops: Sequence[str], settings: Settings) -> list[DropResult]:

@@ -22,12 +22,13 @@ import hashlib
 import hmac
 import json
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from radground import __version__
@@ -43,6 +44,28 @@ RECORD_FILE = "_stage.json"
 
 class BuildStateError(RadgroundError):
     """The build state under data_dir is damaged or does not fit the request."""
+
+
+class RebuildLockedError(RadgroundError):
+    """Another rebuild (or forget) is running on the same data_dir."""
+
+
+@contextmanager
+def rebuild_lock(settings: Settings) -> Iterator[None]:
+    """One writer of versions at a time per data_dir: two at once could interleave the writes of
+    one version, so the second waits ``rebuild_lock_timeout_s``, then fails naming the lock."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(settings.data_dir / "rebuild.lock")
+    try:
+        lock.acquire(timeout=settings.rebuild_lock_timeout_s)
+    except Timeout:
+        raise RebuildLockedError(
+            f"another rebuild holds {lock.lock_file} (waited {settings.rebuild_lock_timeout_s:g} s). Let it "
+            "finish, or raise rebuild_lock_timeout_s to wait longer.") from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 class StageRecord(BaseModel):

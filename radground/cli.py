@@ -134,8 +134,11 @@ def rebuild(
         "--overlays", min=0, help="Write PNG overlays of this many grounded slices per drop "
         "(<data_dir>/overlays/<drop_id>/).")] = None,
 ) -> None:
-    """Rebuild the dataset from one or more drops: ingest, de-identify, extract slices, scrub reports.
+    """Rebuild the dataset with new or changed drops: ingest, curate, segment, ground, check, version.
 
+    Incremental: a stage runs for a drop only when its inputs, its settings or the code
+    changed; the new version holds the latest version's drops plus these (minus forgotten
+    patients). With nothing changed it starts nothing and reports the current version.
     Runs the Prefect flow rebuild_dataset on Ray: embedded by default (a Prefect API on
     127.0.0.1 and a local Ray with ray.num_cpus CPUs), or on prefect.api_url / ray.address.
     """
@@ -291,6 +294,27 @@ def _lineage():
     from radground.lineage import lineage_index
 
     return lineage_index(state.settings.data_dir.resolve() / "lineage", settings=state.settings)
+
+
+@app.command()
+def forget(
+    patient: Annotated[str, typer.Option("--patient", help="A patient pseudonym (P + 20 hex), or the hospital's "
+                                         "patient ID (hashed with the key; never printed).")],
+) -> None:
+    """Forget a patient: a new version without their rows, and every later rebuild leaves them out.
+
+    Prints JSON naming the patient by pseudonym only: the new version, the rows removed per
+    table, and the earlier versions (and MLflow runs that used them) that still hold the
+    patient, which you delete or supersede.
+    """
+    from radground.lineage import pseudonym_for
+    from tasks.version_stage import forget as forget_patient
+
+    result = forget_patient(state.settings, pseudonym_for(state.settings, patient))
+    version = result["version"]
+    result["version"] = version and {k: version[k] for k in ("digest", "parent_digest", "version_dir", "rows",
+                                                             "mlflow_run")}
+    out.print_json(json.dumps(result, default=str))
 
 
 @lineage_app.command("trace")

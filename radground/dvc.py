@@ -97,6 +97,9 @@ class DvcRepo:
         with repo.config.edit("repo") as conf:
             conf["core"]["remote"] = DVC_REMOTE_NAME
             conf["core"]["analytics"] = False
+            # Versions share most shards: links to DVC's cache keep one copy on disk per shard,
+            # where the default (copy) would duplicate every carried-over shard in every version.
+            conf["cache"]["type"] = "reflink,hardlink,copy"
             conf["remote"][DVC_REMOTE_NAME] = shared
         secret: dict[str, Any] = {}
         if storage.backend == "s3" and storage.access_key is not None and storage.secret_key is not None:

@@ -274,12 +274,14 @@ _OPERATIONAL = {
     "grounding": {"overlays"},
 }
 
-# The settings groups each stage's output depends on (with the upstream stages' keys).
+# The settings each stage's output depends on besides the upstream stages' keys: a whole group,
+# or "group.field" for one field a stage borrows from another stage's group. Keep this in step
+# with what the stage reads, or a changed setting would not rerun it.
 STAGE_GROUPS = {
-    "ingest": ("deid", "ingest"),
+    "ingest": ("deid", "ingest", "segmentation.masks_folder"),  # masks/ files are not images
     "curate": ("llm", "translation", "vqa"),
-    "segment": ("segmentation",),
-    "ground": ("grounding",),
+    "segment": ("segmentation", "grounding.min_area_px"),
+    "ground": ("grounding", "vqa"),  # slice-level VQA items
     "quality": ("quality",),
     "version": ("version",),
 }
@@ -350,9 +352,14 @@ class Settings(BaseSettings):
     def stage_hash(self, stage: str) -> str:
         """sha256 over the settings that decide what ``stage`` produces (operational ones left out)."""
         public = self.public_dict()
-        groups = {group: {k: v for k, v in public[group].items() if k not in _OPERATIONAL.get(group, ())}
-                  for group in STAGE_GROUPS[stage]}
-        return hashlib.sha256(json.dumps(groups, sort_keys=True, default=str).encode()).hexdigest()
+        chosen = {}
+        for name in STAGE_GROUPS[stage]:
+            group, _, field = name.partition(".")
+            if field:
+                chosen[name] = public[group][field]
+            else:
+                chosen[name] = {k: v for k, v in public[group].items() if k not in _OPERATIONAL.get(group, ())}
+        return hashlib.sha256(json.dumps(chosen, sort_keys=True, default=str).encode()).hexdigest()
 
     def content_hash(self) -> str:
         """sha256 over every stage's settings: the settings part of a version digest. Paths of

@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from radground import __version__
-from radground.buildstate import forgotten_patients, read_record
+from radground.buildstate import forget_patients, forgotten_patients, read_record, rebuild_lock
 from radground.dvc import DvcRepo
 from radground.keys import load_key
 from radground.lineage import LineageRecord, record_build, write_lineage
@@ -313,3 +313,27 @@ def summary_line(summary: dict) -> str:
             f"{summary['quality_quarantined']} rows failed quality"
             + (f", {merged} re-delivered rows merged" if merged else "") + ") "
             f"in {summary['version_dir']}; MLflow run {summary['mlflow_run']}; data docs {summary['data_docs']}")
+
+
+def forget(settings: Settings, pseudonym: str) -> dict:
+    """Put a patient on the exclusion list and write a new version without their rows.
+
+    Returns {patient_pseudonym, version (the new version's summary, or None when there is no
+    version yet), rows_removed per table, still_in_versions (earlier versions that hold the
+    patient: delete or supersede them), runs (MLflow runs that used those versions)}.
+    """
+    from radground.lineage import lineage_index
+
+    with rebuild_lock(settings):
+        forget_patients(settings, [pseudonym])
+        before = latest_version_dir(settings)
+        if before is None:
+            return {"patient_pseudonym": pseudonym, "version": None, "rows_removed": {}, "still_in_versions": [],
+                    "runs": []}
+        summary = publish([], settings, {}, {}, reason="forget")
+    old_rows = {name: entry.rows for name, entry in read_manifest(before).tables.items()}
+    removed = {name: old_rows.get(name, 0) - rows for name, rows in summary["rows"].items()}
+    lineage = settings.data_dir.resolve() / "lineage"
+    used = lineage_index(lineage, settings=settings).where_used(pseudonym) if any(lineage.glob("*.parquet")) else {}
+    return {"patient_pseudonym": pseudonym, "version": summary, "rows_removed": removed,
+            "still_in_versions": used.get("versions", []), "runs": used.get("runs", [])}

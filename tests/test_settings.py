@@ -93,3 +93,31 @@ def test_secrets_never_appear_in_public_dict_hash_or_errors(monkeypatch):
 
 def test_settings_hash_changes_with_a_setting():
     assert load_settings().settings_hash() != load_settings(storage={"bucket": "other-bucket"}).settings_hash()
+
+
+def test_stage_hash_follows_only_the_settings_a_stage_reads(tmp_path):
+    from radground.settings import STAGE_GROUPS
+
+    base = load_settings()
+    changed = {
+        "segmentation": load_settings(segmentation={"backend": ["classical", "sam"]}),
+        "min_area": load_settings(grounding={"min_area_px": 10}),
+        "llm": load_settings(llm={"backend": "openai"}),
+        "operational": load_settings(ingest={"tasks_per_cpu": 8}, llm={"max_concurrency": 64},
+                                     grounding={"overlays": 3}, data_dir=tmp_path, ray={"num_cpus": 8}),
+    }
+
+    def moved(settings):
+        return {stage for stage in STAGE_GROUPS if settings.stage_hash(stage) != base.stage_hash(stage)}
+
+    assert moved(changed["segmentation"]) == {"segment"}
+    assert moved(changed["min_area"]) == {"segment", "ground"}  # segment drops masks below it, ground too
+    assert moved(changed["llm"]) == {"curate"}
+    assert moved(changed["operational"]) == set()  # speed and paths never invalidate outputs
+    assert changed["operational"].content_hash() == base.content_hash()
+    assert changed["llm"].content_hash() != base.content_hash()
+
+
+def test_split_shares_must_sum_to_one():
+    with pytest.raises(ConfigError, match=r"version = .*sum to 1 \(they sum to 1.1\)"):
+        load_settings(version={"train": 0.8, "val": 0.2, "test": 0.1})

@@ -1,0 +1,178 @@
+"""Incremental rebuilds, forgetting a patient, and a rebuild killed mid-way, through the real flow.
+
+One data_dir lives through the module, in order: a full build of drop A; the same rebuild again
+(nothing runs, same digest); drop B added (only B's stages run, A's shards carried over); a
+segmentation setting changed (segment and ground rerun, ingest and curate do not); a patient
+forgotten. A second data_dir is killed mid-rebuild and restarted: same digest as undisturbed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import psutil
+import pyarrow.parquet as pq
+import pytest
+
+from flows.rebuild import run_rebuild
+from radground.buildstate import forgotten_patients, read_record
+from radground.settings import load_settings
+from radground.store import open_store
+from radground.synth.drop import generate_drop
+from tasks.version import read_manifest, read_splits
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+KEY = "incremental-test-key-0123456789abcdef"  # the same key in both data_dirs: comparable pseudonyms
+
+
+def _task_runs(settings) -> Counter:
+    database = settings.data_dir / "prefect" / "prefect.db"
+    if not database.exists():
+        return Counter()
+    with sqlite3.connect(database) as connection:
+        names = [row[0] for row in connection.execute("select name from task_run")]
+    return Counter(name.rsplit("-", 1)[0] for name in names)  # Prefect appends "-<n>" to task run names
+
+
+def _new_runs(before: Counter, after: Counter) -> dict[str, int]:
+    return {name: n for name, n in (after - before).items() if n}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("incremental")
+    drop_a = generate_drop(root / "drop-a", patients=3, seed=51).drop_dir
+    drop_b = generate_drop(root / "drop-b", patients=1, seed=52).drop_dir
+    settings = load_settings(data_dir=root / "data", deid={"key": KEY})
+    (full,) = run_rebuild([str(drop_a)], settings)
+    return {"root": root, "a": drop_a, "b": drop_b, "settings": settings, "full": full, "steps": {}}
+
+
+def test_a_rebuild_without_change_runs_nothing_and_keeps_the_digest(world):
+    settings, full = world["settings"], world["full"]
+    before = _task_runs(settings)
+    started = time.perf_counter()
+    (again,) = run_rebuild([str(world["a"])], settings)
+    elapsed = time.perf_counter() - started
+    assert again.cached and again.version["unchanged"]
+    assert again.version["digest"] == full.version["digest"]
+    assert _new_runs(before, _task_runs(settings)) == {}  # no task ran: Prefect was not even started
+    assert elapsed < 20, elapsed  # generous; the benchmark reports the real ratio
+    world["steps"]["unchanged"] = again
+
+
+def test_a_new_drop_runs_only_its_own_stages_and_carries_earlier_shards(world):
+    settings, full = world["settings"], world["full"]
+    before = _task_runs(settings)
+    results = run_rebuild([str(world["b"])], settings)
+    new = _new_runs(before, _task_runs(settings))
+    assert len(results) == 1 and not results[0].cached
+    b = results[0].ingest
+    assert new["ingest-shard"] == min(b.series, 4) and new["ingest-reports"] == 1  # drop B only
+
+    version_dir = Path(results[0].version["version_dir"])
+    manifest = read_manifest(version_dir)
+    first = read_manifest(full.version["version_dir"])
+    assert manifest.parent_digest == first.digest and manifest.drops == [*first.drops, b.drop_id]
+    assert manifest.tables["images"].rows == first.tables["images"].rows + b.slices
+    old_images = {s.path for s in first.tables["images"].shards}
+    carried = [s for s in manifest.tables["images"].shards if s.path in old_images]
+    assert len(carried) == len(old_images)  # drop A's shards are the same files, not rewritten
+    for shard in carried:
+        assert os.path.samefile(version_dir / shard.path, Path(full.version["version_dir"]) / shard.path)
+    splits_before, splits_after = read_splits(full.version["version_dir"]), read_splits(version_dir)
+    assert all(splits_after[p] == s for p, s in splits_before.items())  # nobody changes split
+    assert len(splits_after) > len(splits_before)
+    world["steps"]["added"] = results[0]
+
+
+def test_a_segmentation_setting_reruns_segment_and_ground_only(world):
+    settings = world["settings"]
+    changed = load_settings(data_dir=settings.data_dir, deid={"key": KEY}, segmentation={"sam_min_iou": 0.6})
+    world["settings"] = changed
+    store = open_store(settings)
+    drop_id = world["full"].ingest.drop_id
+    kept = {stage: read_record(store, stage, drop_id) for stage in ("ingest", "curate", "segment", "ground")}
+    before = _task_runs(settings)
+    results = run_rebuild([str(world["a"])], changed)  # drop B, in the latest version, reruns too
+    new = _new_runs(before, _task_runs(settings))
+    assert set(new) == {"segment", "ground"}, new
+    for stage in ("ingest", "curate"):
+        assert read_record(store, stage, drop_id) == kept[stage]  # untouched
+    for stage in ("segment", "ground"):
+        assert read_record(store, stage, drop_id).key != kept[stage].key
+    assert {r.ingest.drop_id for r in results} == set(read_manifest(results[0].version["version_dir"]).drops)
+
+
+def test_forget_removes_exactly_one_patients_rows_and_later_rebuilds_keep_them_out(world):
+    settings = world["settings"]
+    latest = Path(world["steps"]["added"].version["version_dir"]).parent
+    current = latest / (latest / "LATEST").read_text().strip()
+    images = pq.read_table(current / "images").to_pylist()
+    patient = sorted({r["patient_pseudonym"] for r in images})[0]
+    rows_before = {name: entry.rows for name, entry in read_manifest(current).tables.items()}
+    mine = {name: sum(1 for r in pq.read_table(current / name).to_pylist() if r.get("patient_pseudonym") == patient)
+            for name in ("images", "reports", "grounding", "vqa")}
+    assert mine["images"] and mine["reports"]
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RADGROUND_")}
+    env |= {"RADGROUND_DATA_DIR": str(settings.data_dir), "RADGROUND_DEID__KEY": KEY,
+            "RADGROUND_SEGMENTATION__SAM_MIN_IOU": "0.6"}
+    done = subprocess.run([sys.executable, "-m", "radground", "forget", "--patient", patient],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    answer = json.loads(done.stdout)
+    assert answer["patient_pseudonym"] == patient and patient in forgotten_patients(settings)
+    new_dir = Path(answer["version"]["version_dir"])
+    assert {name: answer["rows_removed"][name] for name in mine} == mine
+    for name in ("images", "reports", "grounding", "vqa"):
+        rows = pq.read_table(new_dir / name).to_pylist()
+        assert len(rows) == rows_before[name] - mine[name]
+        assert all(r["patient_pseudonym"] != patient for r in rows)
+    assert patient not in read_splits(new_dir)
+    assert read_manifest(current).digest in answer["still_in_versions"]  # the old version still has them
+    assert read_manifest(new_dir).digest not in answer["still_in_versions"]
+
+    results = run_rebuild([str(world["a"])], settings)  # a later rebuild keeps the patient out
+    rebuilt = Path(results[0].version["version_dir"])
+    assert all(r["patient_pseudonym"] != patient for r in pq.read_table(rebuilt / "images").to_pylist())
+
+
+def _kill_tree(process: subprocess.Popen) -> None:
+    parent = psutil.Process(process.pid)
+    family = [parent, *parent.children(recursive=True)]  # Prefect server, Ray's processes and workers
+    for member in family:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            member.send_signal(signal.SIGKILL)
+    psutil.wait_procs(family, timeout=30)
+
+
+def test_a_rebuild_killed_mid_way_restarts_to_the_same_digest(world, tmp_path):
+    data_dir = tmp_path / "data"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RADGROUND_")}
+    env |= {"RADGROUND_DATA_DIR": str(data_dir), "RADGROUND_DEID__KEY": KEY}
+    process = subprocess.Popen([sys.executable, "-m", "radground", "rebuild", str(world["a"])], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not list((data_dir / "store" / "segment").glob("*/_stage.json")):  # ingest + curate + segment done
+            assert process.poll() is None, "the rebuild ended before it could be killed"
+            assert time.monotonic() < deadline, "the rebuild did not reach the segment stage in time"
+            time.sleep(0.2)
+    finally:
+        _kill_tree(process)
+    assert not (data_dir / "versions" / "LATEST").exists()  # killed before it versioned anything
+
+    settings = load_settings(data_dir=data_dir, deid={"key": KEY})
+    (restarted,) = run_rebuild([str(world["a"])], settings)
+    assert restarted.version["digest"] == world["full"].version["digest"]
