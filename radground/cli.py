@@ -234,8 +234,9 @@ def demo(
 ) -> None:
     """Run the main job on the embedded default: every stage that exists, on a synthetic drop.
 
-    Writes under data_dir (default ./.radground). Stages so far: synth, then rebuild: ingest,
-    curate, segment (classical), ground — with 4 overlay PNGs to look at.
+    Writes under data_dir (default ./.radground). Stages: synth, then rebuild: ingest, curate,
+    segment (classical), ground (with 4 overlay PNGs to look at), quality + version (DVC,
+    MLflow). Run it again and the rebuild finds nothing changed: same version, no work.
     """
     data_dir = state.settings.data_dir.resolve()
     drop_dir = data_dir / "drops" / "demo"

@@ -146,8 +146,9 @@ def _gather(store: ObjectStore, drop_id: str) -> dict[str, pa.Table]:
 
 
 def _check_into(store: ObjectStore, drop_id: str, settings: Settings, folder: Path) -> None:
+    for stale in folder.parent.glob(".building-*"):  # left by a killed rebuild (the rebuild lock is held)
+        shutil.rmtree(stale, ignore_errors=True)
     building = folder.with_name(f".building-{folder.name}-{os.getpid()}")
-    shutil.rmtree(building, ignore_errors=True)
     target = int(settings.version.shard_target_mb * 2**20)
     stats, shards, rejected, docs = {}, {}, [], None
     for name, table in _gather(store, drop_id).items():
@@ -240,7 +241,7 @@ def version_drops(build_drops: Sequence[str], settings: Settings) -> list[str]:
 def publish(build_drops: Sequence[str], settings: Settings, stage_counts: Mapping[str, float],
             stage_seconds: Mapping[str, float], *, reason: str = "rebuild") -> dict:
     """Check, version, track and record a version = the latest one's drops + ``build_drops``,
-    without forgotten patients; returns the version summary."""
+    without forgotten patients; returns the version summary. The caller holds :func:`rebuild_lock`."""
     store = open_store(settings)
     drops = version_drops(build_drops, settings)
     checked = [check_drop(store, drop_id, settings) for drop_id in drops]
@@ -251,6 +252,8 @@ def publish(build_drops: Sequence[str], settings: Settings, stage_counts: Mappin
 
     root = versions_root(settings)
     root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".building-*"):  # left by a killed rebuild (the caller holds the rebuild lock)
+        shutil.rmtree(stale, ignore_errors=True)
     parent_dir = latest_version_dir(settings)
     parent = read_manifest(parent_dir) if parent_dir else None
     patients = set()
