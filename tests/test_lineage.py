@@ -244,3 +244,17 @@ def test_write_lineage_refuses_mixed_versions(tmp_path):
     rows = [_rec("1", "d1", "s1", "P" + "1" * 20, VERSION_A), _rec("2", "d1", "s2", "P" + "1" * 20, VERSION_B)]
     with pytest.raises(LineageError, match="2 version digests"):
         write_lineage(rows, tmp_path / "lineage.parquet")
+
+
+def test_the_tracking_uri_and_experiment_come_from_the_mlflow_settings(tmp_path, clean_env, monkeypatch):
+    from mlflow import MlflowClient
+
+    monkeypatch.chdir(tmp_path)  # without a server, MLflow puts a non-embedded store's artifacts in ./mlruns
+    server_db = tmp_path / "elsewhere" / "mlflow.db"  # stands in for a tracking server's backend store
+    server_db.parent.mkdir()
+    settings = load_settings(data_dir=tmp_path / "data", deid={"key": DEID_KEY},
+                             mlflow={"tracking_uri": f"sqlite:///{server_db}", "build_experiment": "site-a-builds"})
+    run_id, _ = _build(settings, tmp_path)
+    client = MlflowClient(tracking_uri=f"sqlite:///{server_db}")
+    assert client.get_run(run_id).info.experiment_id == client.get_experiment_by_name("site-a-builds").experiment_id
+    assert not (settings.data_dir / "mlflow" / "mlflow.db").exists()  # the embedded database stayed unused

@@ -148,6 +148,31 @@ def test_forget_removes_exactly_one_patients_rows_and_later_rebuilds_keep_them_o
     assert all(r["patient_pseudonym"] != patient for r in pq.read_table(rebuilt / "images").to_pylist())
 
 
+def test_a_failed_push_leaves_the_version_unrecorded_and_the_next_rebuild_finishes_it(world, monkeypatch):
+    from radground.dvc import DvcError, DvcRepo
+    from tasks.version_stage import forget
+
+    settings = world["settings"]
+    current = Path(world["steps"]["added"].version["version_dir"]).parent
+    patient = sorted({r["patient_pseudonym"] for r in pq.read_table(current / (current / "LATEST").read_text().strip()
+                                                                     / "images").to_pylist()})[-1]
+
+    def remote_down(self, version=None):
+        raise DvcError("dvc push with remote 'radground' failed: the endpoint is unreachable")
+
+    monkeypatch.setattr(DvcRepo, "push", remote_down)
+    with pytest.raises(DvcError, match="unreachable"):
+        forget(settings, patient)
+    monkeypatch.undo()
+    written = (current / "LATEST").read_text().strip()
+    assert not (settings.data_dir / "state" / "recorded" / written).exists()  # complete, but not pushed
+
+    (result,) = run_rebuild([str(world["a"])], settings)
+    assert result.cached and not result.version["unchanged"]  # nothing rebuilt, but pushed and recorded now
+    assert result.version["digest"][:16] == written and result.version["dvc_files_pushed"] > 0
+    assert (settings.data_dir / "state" / "recorded" / written).exists()
+
+
 def _kill_tree(process: subprocess.Popen) -> None:
     parent = psutil.Process(process.pid)
     family = [parent, *parent.children(recursive=True)]  # Prefect server, Ray's processes and workers
