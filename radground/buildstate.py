@@ -26,7 +26,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from filelock import FileLock, Timeout
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -221,3 +221,41 @@ def clear_stage(store: ObjectStore, stage: str, drop_id: str) -> int:
     for key in keys:
         store.delete(key)
     return len(keys)
+
+
+# ------------------------------------------------------------------------------- series outputs
+# A series that an earlier drop already delivered (same files, same settings, same code) is not
+# extracted or segmented again: its earlier output is copied, relabelled with this drop's id.
+class SeriesOutput(NamedTuple):
+    table: bytes  # the earlier Parquet output, verified against the sha256 recorded with it
+    extra: dict[str, Any]  # what the stage returned besides the table (counts, quarantine rows)
+
+
+def series_key(stage: str, content: Any, settings: Settings) -> str:
+    """Key of one series' output of ``stage`` ("ingest" or "segment"): what the series is made of
+    plus the settings of ingest (and of ``stage``), the de-identification key and the code."""
+    stages = ("ingest",) if stage == "ingest" else ("ingest", stage)
+    return _sha({"stage": stage, "content": content, "settings": [settings.stage_hash(s) for s in stages],
+                 "code_version": __version__, "deid_key": key_fingerprint(settings)})
+
+
+def _series_entry(stage: str, key: str) -> str:
+    return f"series/{stage}/{key}.json"
+
+
+def find_series_output(store: ObjectStore, stage: str, key: str) -> SeriesOutput | None:
+    """The earlier output of an identical series, or None (never seen, deleted, or rewritten since)."""
+    try:
+        entry = json.loads(store.get(_series_entry(stage, key)))
+        data = store.get(entry["table_key"])
+    except (ObjectNotFoundError, json.JSONDecodeError, KeyError):
+        return None
+    if hashlib.sha256(data).hexdigest() != entry.get("sha256"):
+        return None  # the drop that wrote it was rebuilt with other settings since
+    return SeriesOutput(table=data, extra=entry.get("extra", {}))
+
+
+def remember_series_output(store: ObjectStore, stage: str, key: str, table_key: str, data: bytes,
+                           extra: Mapping[str, Any]) -> None:
+    entry = {"table_key": table_key, "sha256": hashlib.sha256(data).hexdigest(), "extra": dict(extra)}
+    store.put(_series_entry(stage, key), json.dumps(entry, sort_keys=True, default=str).encode())

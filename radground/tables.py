@@ -50,3 +50,11 @@ def read_tables(store: ObjectStore, keys: Sequence[str], model: type[BaseModel])
     if not tables:
         return arrow_schema(model).empty_table()
     return pa.concat_tables(tables)
+
+
+def relabelled(data: bytes, drop_id: str) -> bytes:
+    """A Parquet table of an earlier drop as this drop's: the drop_id column set to ``drop_id``."""
+    table = pq.read_table(io.BytesIO(data))
+    column = table.schema.get_field_index("drop_id")
+    table = table.set_column(column, table.schema.field(column), pa.array([drop_id] * table.num_rows, pa.string()))
+    return parquet_bytes(table)

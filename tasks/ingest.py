@@ -19,12 +19,13 @@ from datetime import date
 import numpy as np
 import pydicom
 
+from radground import buildstate
 from radground.errors import RadgroundError
 from radground.keys import load_key
 from radground.schemas import ImageRecord, QuarantineRecord, ReportRecord
 from radground.settings import Settings
 from radground.store import open_store
-from radground.tables import read_table, write_table
+from radground.tables import parquet_bytes, read_table, relabelled, to_arrow, write_table
 from tasks.deid import date_offset_days, deidentify, patient_pseudonym, pseudonym_uid
 from tasks.discover import DropPlan, DropReader, ReportJob, SeriesPlan, quiet_dicom, read_dataset
 from tasks.scrub import KnownPHI, scrub_report
@@ -45,17 +46,38 @@ class SeriesOutcome:
     shard_key: str | None
     slices: int
     quarantine: list[QuarantineRecord] = field(default_factory=list)
+    reused: bool = False  # copied from an earlier drop that delivered the same series
 
 
 class SourceChangedError(RadgroundError):
     """A drop file changed between discovery and extraction."""
 
 
+def _series_content(plan: SeriesPlan) -> dict:
+    """Everything of a plan its image records depend on, besides the settings and the drop id."""
+    return {"files": [sha for _, sha in plan.files], "positions": list(plan.positions), "modality": plan.modality,
+            "axis": plan.axis, "has_report": plan.has_report}
+
+
 def ingest_series(location: str, plan: SeriesPlan, settings: Settings) -> SeriesOutcome:
-    """Decode, rescale and de-identify every slice of one series; write its images shard."""
+    """Decode, rescale and de-identify every slice of one series; write its images shard. A series
+    an earlier drop delivered identically is copied from that drop's output instead."""
     key = load_key(settings)
-    reader = DropReader(location, settings)
     series_uid = pseudonym_uid(key, plan.series_uid)
+    store = open_store(settings)
+    content_key = buildstate.series_key(STAGE, _series_content(plan), settings)
+    shard_key = f"{stage_prefix(plan.drop_id)}images/{series_uid}.parquet"
+    earlier = buildstate.find_series_output(store, STAGE, content_key)
+    if earlier is not None:
+        store.put(shard_key, relabelled(earlier.table, plan.drop_id))
+        rejected = [QuarantineRecord.model_validate(q | {"drop_id": plan.drop_id})
+                    for q in earlier.extra["quarantine"]]
+        logger.info("ingest series %s: identical to an earlier drop's, %d slices copied", series_uid,
+                    earlier.extra["slices"])
+        return SeriesOutcome(series_uid=series_uid, shard_key=shard_key, slices=earlier.extra["slices"],
+                             quarantine=rejected, reused=True)
+
+    reader = DropReader(location, settings)
     records: list[ImageRecord] = []
     rejected: list[QuarantineRecord] = []
 
@@ -70,10 +92,13 @@ def ingest_series(location: str, plan: SeriesPlan, settings: Settings) -> Series
             if record is not None:
                 records.append(record)
 
-    shard_key = None
     if records:
-        shard_key = f"{stage_prefix(plan.drop_id)}images/{series_uid}.parquet"
-        write_table(open_store(settings), shard_key, records, ImageRecord)
+        data = parquet_bytes(to_arrow(records, ImageRecord))
+        store.put(shard_key, data)
+        buildstate.remember_series_output(store, STAGE, content_key, shard_key, data, {
+            "slices": len(records), "quarantine": [q.model_dump(mode="json") for q in rejected]})
+    else:
+        shard_key = None
     logger.info("ingest series %s: %d/%d slices ok, %d quarantined", series_uid, len(records), len(plan.files),
                 len(rejected))
     return SeriesOutcome(series_uid=series_uid, shard_key=shard_key, slices=len(records), quarantine=rejected)
@@ -231,13 +256,15 @@ class IngestSummary:
     reports_quarantined: int
     quarantine_reasons: dict[str, int]
     mask_files: int = 0
+    series_reused: int = 0  # identical to a series of an earlier drop: copied, not extracted again
 
     def line(self) -> str:
         reasons = ", ".join(f"{n} {r}" for r, n in sorted(self.quarantine_reasons.items()))
         return (f"ingest {self.drop_id}: {self.files_in} files in = {self.slices} slices + "
                 f"{self.files_quarantined} quarantined; {self.series} series; reports {self.reports}/"
                 f"{self.reports_in} ok" + (f" (quarantine: {reasons})" if reasons else "")
-                + (f"; {self.mask_files} mask files for the imported backend" if self.mask_files else ""))
+                + (f"; {self.mask_files} mask files for the imported backend" if self.mask_files else "")
+                + (f"; {self.series_reused} series copied from earlier drops" if self.series_reused else ""))
 
 
 def finish_ingest(plan: DropPlan, outcomes: Sequence[SeriesOutcome], reports: Sequence[ReportRecord],
@@ -256,7 +283,7 @@ def finish_ingest(plan: DropPlan, outcomes: Sequence[SeriesOutcome], reports: Se
         series=sum(1 for o in outcomes if o.slices), reports_in=plan.reports_in, reports=len(reports),
         reports_quarantined=reports_quarantined,
         quarantine_reasons=dict(Counter(q.reason for q in quarantine)),
-        mask_files=plan.mask_files,
+        mask_files=plan.mask_files, series_reused=sum(1 for o in outcomes if o.reused),
     )
     store = open_store(settings)
     prefix = stage_prefix(plan.drop_id)

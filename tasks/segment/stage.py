@@ -15,12 +15,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from radground import buildstate
 from radground.errors import RadgroundError
 from radground.imaging import pixels_from_bytes
 from radground.schemas import MaskRecord, QuarantineRecord
 from radground.settings import SegmentationSettings, Settings
 from radground.store import open_store
-from radground.tables import read_table, write_table
+from radground.tables import read_table, relabelled, write_table
 from tasks.ground import mask_records
 from tasks.segment.base import SegmentationError, SeriesVolume, check_mask
 
@@ -41,6 +42,7 @@ class SegmentOutcome:
     classes: Counter = field(default_factory=Counter)  # class name -> slices where present
     quarantine: list[QuarantineRecord] = field(default_factory=list)
     stats: dict = field(default_factory=dict)
+    reused: bool = False  # copied from an earlier drop that delivered the same series
 
 
 def backend_for(name: str, settings: SegmentationSettings):
@@ -108,31 +110,60 @@ def segment_series(location: str, drop_id: str, image_keys: Sequence[str], setti
     store = open_store(settings)
     outcomes = []
     for key in image_keys:
-        volume, series_uid, study_uid = load_volume(read_table(store, key))
-        outcome = SegmentOutcome(series_uid, study_uid, volume.modality, None, len(volume.image_ids),
-                                 image_ids=volume.image_ids)
-        try:
-            labels, backend, outcome.stats = run_chain(volume, settings, location, series_uid)
-        except RadgroundError as exc:
-            # The quarantine table travels into dataset versions: it gets the backend chain and
-            # the error type only, never the message (which may quote file or folder names).
-            chain = "+".join(settings.segmentation.backend)
-            logger.warning("segment series %s: %s failed: %s", series_uid, chain, exc)
-            outcome.quarantine.append(QuarantineRecord(
-                drop_id=drop_id, stage=STAGE, item="series", reason="segmentation_failed",
-                detail=f"backend chain {chain} raised {type(exc).__name__}; the rebuild log has the reason",
-                source_sha256=None, ref=series_uid))
-            outcomes.append(outcome)
+        table = read_table(store, key)
+        # imported masks come from the drop itself, so only a chain without them is the same
+        # for the same images whichever drop delivered them
+        content_key = (None if "imported" in settings.segmentation.backend else buildstate.series_key(
+            STAGE, sorted(table.column("source_sha256").to_pylist()), settings))
+        earlier = buildstate.find_series_output(store, STAGE, content_key) if content_key else None
+        if earlier is not None:
+            outcomes.append(_copied(earlier, drop_id, store))
             continue
-        records = mask_records(labels, image_ids=volume.image_ids, series_uid=series_uid, study_uid=study_uid,
-                               drop_id=drop_id, backend=backend, min_area_px=settings.grounding.min_area_px)
-        outcome.mask_key = f"{STAGE}/{drop_id}/masks/{series_uid}.parquet"
-        write_table(store, outcome.mask_key, records, MaskRecord)
-        outcome.classes = Counter(r.class_name for r in records)
-        logger.info("segment series %s: %d slices, %d class masks (%s)", series_uid, outcome.slices,
-                    len(records), backend)
+        outcome = _segment_one(table, location, drop_id, settings, store)
+        if outcome.mask_key and content_key:
+            data = store.get(outcome.mask_key)
+            buildstate.remember_series_output(store, STAGE, content_key, outcome.mask_key, data, {
+                "series_uid": outcome.series_uid, "study_uid": outcome.study_uid, "modality": outcome.modality,
+                "slices": outcome.slices, "image_ids": list(outcome.image_ids), "classes": dict(outcome.classes),
+                "stats": outcome.stats})
         outcomes.append(outcome)
     return outcomes
+
+
+def _copied(earlier: buildstate.SeriesOutput, drop_id: str, store) -> SegmentOutcome:
+    extra = earlier.extra
+    mask_key = f"{STAGE}/{drop_id}/masks/{extra['series_uid']}.parquet"
+    store.put(mask_key, relabelled(earlier.table, drop_id))
+    logger.info("segment series %s: identical to an earlier drop's, masks copied", extra["series_uid"])
+    return SegmentOutcome(extra["series_uid"], extra["study_uid"], extra["modality"], mask_key, extra["slices"],
+                          image_ids=tuple(extra["image_ids"]), classes=Counter(extra["classes"]),
+                          stats=extra["stats"], reused=True)
+
+
+def _segment_one(table, location: str, drop_id: str, settings: Settings, store) -> SegmentOutcome:
+    volume, series_uid, study_uid = load_volume(table)
+    outcome = SegmentOutcome(series_uid, study_uid, volume.modality, None, len(volume.image_ids),
+                             image_ids=volume.image_ids)
+    try:
+        labels, backend, outcome.stats = run_chain(volume, settings, location, series_uid)
+    except RadgroundError as exc:
+        # The quarantine table travels into dataset versions: it gets the backend chain and
+        # the error type only, never the message (which may quote file or folder names).
+        chain = "+".join(settings.segmentation.backend)
+        logger.warning("segment series %s: %s failed: %s", series_uid, chain, exc)
+        outcome.quarantine.append(QuarantineRecord(
+            drop_id=drop_id, stage=STAGE, item="series", reason="segmentation_failed",
+            detail=f"backend chain {chain} raised {type(exc).__name__}; the rebuild log has the reason",
+            source_sha256=None, ref=series_uid))
+        return outcome
+    records = mask_records(labels, image_ids=volume.image_ids, series_uid=series_uid, study_uid=study_uid,
+                           drop_id=drop_id, backend=backend, min_area_px=settings.grounding.min_area_px)
+    outcome.mask_key = f"{STAGE}/{drop_id}/masks/{series_uid}.parquet"
+    write_table(store, outcome.mask_key, records, MaskRecord)
+    outcome.classes = Counter(r.class_name for r in records)
+    logger.info("segment series %s: %d slices, %d class masks (%s)", series_uid, outcome.slices,
+                len(records), backend)
+    return outcome
 
 
 def summarise(drop_id: str, outcomes: Sequence[SegmentOutcome], settings: Settings) -> dict:
@@ -145,6 +176,7 @@ def summarise(drop_id: str, outcomes: Sequence[SegmentOutcome], settings: Settin
         "drop_id": drop_id,
         "series": len(outcomes),
         "series_segmented": sum(1 for o in outcomes if o.mask_key),
+        "series_reused": sum(1 for o in outcomes if o.reused),
         "series_quarantined": len({q.ref for q in quarantine}),
         "slices": sum(o.slices for o in outcomes),
         "backend": "+".join(settings.segmentation.backend),
@@ -169,4 +201,5 @@ def summary_line(summary: dict) -> str:
     top = ", ".join(f"{name} {n}" for name, n in list(summary["class_slices"].items())[:5])
     return (f"segment {summary['drop_id']}: {summary['series_segmented']}/{summary['series']} series, "
             f"{summary['slices']} slices with {summary['backend']}; class slices: {top or 'none'}"
+            + (f"; {summary['series_reused']} series copied from earlier drops" if summary.get("series_reused") else "")
             + (f"; quarantined: {summary['quarantine_reasons']}" if summary["quarantine_reasons"] else ""))

@@ -76,6 +76,20 @@ def test_counts_reconcile_for_both_drops(rebuilt):
     assert b.files_in == expected_b and b.reports == 1
 
 
+def test_series_an_earlier_drop_delivered_are_copied_not_processed_again(rebuilt):
+    _, _, _, settings, results = rebuilt
+    a, b = results
+    assert a.ingest.series_reused == 0 and a.segment["series_reused"] == 0
+    assert b.ingest.series_reused == b.ingest.series > 0  # the re-delivered study: every series copied
+    assert b.segment["series_reused"] == b.segment["series_segmented"] == b.ingest.series
+    store = open_store(settings)
+    for row in _images(settings, b.ingest.drop_id):
+        assert row["drop_id"] == b.ingest.drop_id  # relabelled: the records say which drop delivered them
+    masks = [k for k in store.list(f"segment/{b.ingest.drop_id}/masks/")]
+    assert len(masks) == b.ingest.series
+    assert {r["drop_id"] for k in masks for r in read_table(store, k).to_pylist()} == {b.ingest.drop_id}
+
+
 def _needles(truth: dict) -> set[str]:
     needles = set()
     for value in truth["phi_strings"]:
