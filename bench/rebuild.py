@@ -5,7 +5,9 @@ local Ray start per rebuild, as `radground rebuild` does):
 
 * full:        drops A (N patients) and B (~N/10 new patients) into an empty data_dir;
 * incremental: A already built, then B added (only B's stages run; A's shards carried over);
-* no change:   A and B again on the incremental data_dir (nothing runs; same digest).
+* no change:   A and B again on the incremental data_dir (nothing runs; same digest);
+* re-sent:     B delivered again under another name (every series copied, not processed);
+* forget:      one patient forgotten (a new version; only the drops holding them re-sharded).
 
 Targets of the issue: incremental <= 15% and no change <= 5% of the full rebuild. The runtime
 start-up (Prefect server + Ray) is a fixed cost per rebuild that does not shrink with the
@@ -18,6 +20,7 @@ further drop adds at most one partly filled shard per table).
 from __future__ import annotations
 
 import math
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -28,7 +31,8 @@ def bench_rebuild(patients: int = 20, seed: int = 61) -> dict:
     from radground.runtime import prefect_api
     from radground.settings import load_settings
     from radground.synth.drop import generate_drop
-    from tasks.version import read_manifest
+    from tasks.version import read_manifest, read_splits
+    from tasks.version_stage import forget
 
     new_patients = max(1, round(patients / 10))
     with tempfile.TemporaryDirectory() as tmp:
@@ -61,6 +65,19 @@ def bench_rebuild(patients: int = 20, seed: int = 61) -> dict:
         unchanged = run_rebuild(drops, incremental_settings)
         unchanged_s = time.perf_counter() - started
 
+        # the hospital sends drop B again under another name: every series is copied, not processed
+        drop_c = root / "drop-c"
+        shutil.copytree(drop_b, drop_c)
+        (drop_c / "drop.yaml").write_text("site: site-resent\nreceived_at: '2026-11-27T08:00:00Z'\n")
+        started = time.perf_counter()
+        (resent,) = run_rebuild([str(drop_c)], incremental_settings)
+        resent_s = time.perf_counter() - started
+
+        patient = sorted(read_splits(resent.version["version_dir"]))[0]
+        started = time.perf_counter()
+        forgotten = forget(incremental_settings, patient)
+        forget_s = time.perf_counter() - started
+
         version_dir = Path(added[0].version["version_dir"])
         manifest = read_manifest(version_dir)
         image_rows = manifest.tables["images"].rows
@@ -85,6 +102,10 @@ def bench_rebuild(patients: int = 20, seed: int = 61) -> dict:
         "same_digest_full_and_incremental": full[0].version["digest"] == added[0].version["digest"],
         "no_change_same_digest": unchanged[0].version["digest"] == added[0].version["digest"],
         "no_change_ran_nothing": all(r.cached for r in unchanged),
+        "resent_drop_seconds": round(resent_s, 1),
+        "resent_drop_series_copied": f"{resent.ingest.series_reused}/{resent.ingest.series}",
+        "forget_one_patient_seconds": round(forget_s, 2),
+        "forget_rows_removed": forgotten["rows_removed"],
         "objects_in_version": added[0].version["objects"],
         "bytes_per_row": {name: round(b) for name, b in bytes_per_row.items()},
         "objects_estimated_at_1_2m_slices_128mb_shards": objects_1_2m,

@@ -84,15 +84,16 @@ def rebuild_dataset(drops: list[str], settings: Settings) -> list[DropResult]:
     store = open_store(settings)
     results: dict[str, DropResult] = {}
     stage_seconds: dict[str, float] = {}
-    pending = list(drops)
+    pending, built = list(drops), set()
     while pending:
         location = pending.pop(0)
         started = time.perf_counter()
         result = _build_drop(location, settings, registry, store, logger)
         results.setdefault(result.ingest.drop_id, result)
+        built.add(location)
         stage_seconds[result.ingest.drop_id] = time.perf_counter() - started
         if not pending:  # the latest version's other drops must be current too: rebuild the stale ones
-            pending = _stale_version_drops(settings, store, registry, set(results))
+            pending = _stale_version_drops(settings, store, registry, set(results), built)
 
     started = time.perf_counter()
     summaries = list(results.values())
@@ -107,7 +108,8 @@ def rebuild_dataset(drops: list[str], settings: Settings) -> list[DropResult]:
     return summaries
 
 
-def _stale_version_drops(settings: Settings, store, registry: buildstate.DropRegistry, done: set[str]) -> list[str]:
+def _stale_version_drops(settings: Settings, store, registry: buildstate.DropRegistry, done: set[str],
+                         built: set[str] = frozenset()) -> list[str]:
     """Locations of the latest version's drops (not built in this run) whose stages are stale."""
     stale = []
     for drop_id in version.version_drops([], settings):
@@ -121,6 +123,11 @@ def _stale_version_drops(settings: Settings, store, registry: buildstate.DropReg
                 f"drop {drop_id} of the latest version was built with other settings or code, and its files "
                 "are no longer where it was read from. Pass its location to `radground rebuild` (with the new "
                 "drops), or restore the settings it was built with.")
+        if location in built:  # rebuilt in this run, yet under another id: the files there changed
+            raise buildstate.BuildStateError(
+                f"drop {drop_id} of the latest version is stale under the current settings, and the files where "
+                "it was read from have changed since, so it cannot be rebuilt as it was. Restore that drop's "
+                "files, or restore the settings it was built with.")
         stale.append(location)
     return stale
 

@@ -109,6 +109,11 @@ class CheckedDrop:
         parts = [pq.read_table(s.path) for s in self.shards.get(name, [])]
         return pa.concat_tables(parts) if parts else arrow_schema(TABLES[name]).empty_table()
 
+    def columns(self, name: str, columns: Sequence[str]) -> pa.Table:
+        """Some columns of a table: the keys, without reading the pixels."""
+        parts = [pq.read_table(s.path, columns=list(columns)) for s in self.shards.get(name, [])]
+        return pa.concat_tables(parts) if parts else arrow_schema(TABLES[name]).empty_table().select(list(columns))
+
 
 def quality_key(store: ObjectStore, drop_id: str, settings: Settings) -> str:
     ground = read_record(store, "ground", drop_id)
@@ -169,50 +174,76 @@ def _check_into(store: ObjectStore, drop_id: str, settings: Settings, folder: Pa
 
 
 # ------------------------------------------------------------------------------- the version
-def _patient_filter(tables: dict[str, pa.Table], forgotten: set[str]) -> tuple[dict[str, pa.Table], set[str]]:
-    """Drop every row of a forgotten patient; also returns their study and series uids (for quarantine)."""
-    if not forgotten:
-        return tables, set()
-    refs: set[str] = set()
-    wanted = pa.array(sorted(forgotten), pa.string())
-    out = {}
-    for name, table in tables.items():
-        mine = pc.is_in(table.column("patient_pseudonym"), value_set=wanted)
-        gone = table.filter(mine)
-        refs |= set(gone.column("study_uid").to_pylist())
-        if "series_uid" in gone.column_names:
-            refs |= set(gone.column("series_uid").to_pylist())
-        out[name] = table.filter(pc.invert(mine))
-    return out, refs
+def _key_columns(name: str) -> list[str]:
+    extra = ["patient_pseudonym", "study_uid"] + (["series_uid"] if name == "images" else [])
+    return list(dict.fromkeys([*_SAME_RECORD[name], *extra]))
 
 
-def _version_parts(drops: Sequence[CheckedDrop], forgotten: set[str]) -> tuple[dict, dict, pa.Table, dict]:
-    """Per table: the shards to carry over and the re-sharded parts; plus quarantine and merge counts."""
-    reuse: dict[str, list] = {name: [] for name in TABLES}
-    parts: dict[str, list[pa.Table]] = {name: [] for name in TABLES}
-    seen: dict[str, set] = {name: set() for name in TABLES}
-    merged: Counter = Counter()
-    quarantine = []
-    for drop in drops:
-        tables = {name: drop.table(name) for name in TABLES}
-        kept, refs = _patient_filter(tables, forgotten)
-        changed = {name for name in TABLES if kept[name].num_rows != tables[name].num_rows}
-        for name in TABLES:
-            kept[name], repeats = _drop_repeats(name, kept[name], seen[name])
-            merged[name] += repeats
-            if repeats:
-                changed.add(name)
-        for name in TABLES:
-            if name in changed:
-                parts[name].append(kept[name])
-            else:  # untouched since the check: its shards are carried over, not rewritten
-                reuse[name] += drop.shards.get(name, [])
-        q = drop.quarantine
-        if refs:
-            q = q.filter(pc.invert(pc.fill_null(pc.is_in(q.column("ref"), value_set=pa.array(sorted(refs))), False)))
-        quarantine.append(q.cast(arrow_schema(QuarantineRecord)))
-    table = pa.concat_tables(quarantine) if quarantine else arrow_schema(QuarantineRecord).empty_table()
-    return reuse, parts, table, dict(merged)
+class _VersionParts:
+    """Decides, drop by drop in version order, which rows go into the version.
+
+    Reads only the key columns of a drop's shards (never the pixels) to find the rows to leave
+    out: a forgotten patient's; exact repeats of an earlier drop's records (merged, counted); and
+    images an earlier drop delivered under the same image_id with other content (the first
+    delivery is kept, the conflicting one and the rows grounded on it are quarantined). A table of
+    a drop that loses no row keeps its checked shards; only the others are re-sharded.
+    """
+
+    def __init__(self, forgotten: set[str]) -> None:
+        self.forgotten = pa.array(sorted(forgotten), pa.string())
+        self.reuse: dict[str, list] = {name: [] for name in TABLES}
+        self.parts: dict[str, list[pa.Table]] = {name: [] for name in TABLES}
+        self.seen: dict[str, set] = {name: set() for name in TABLES}
+        self.image_sha: dict[str, str] = {}
+        self.merged: Counter = Counter()
+        self.quarantine: list[pa.Table] = []
+
+    def add(self, drop: CheckedDrop) -> None:
+        keys = {name: drop.columns(name, _key_columns(name)) for name in TABLES}
+        forgotten_refs: set[str] = set()
+        conflicts: list[QuarantineRecord] = []
+        conflicting_images: set[str] = set()
+        for name in ("images", "reports", "grounding", "vqa"):  # images first: the others follow its conflicts
+            table = keys[name]
+            mine = pc.is_in(table.column("patient_pseudonym"), value_set=self.forgotten).to_pylist()
+            refs = {c: table.column(c).to_pylist() for c in ("study_uid", "series_uid", "image_id")
+                    if c in table.column_names}
+            keep = []
+            for index, key in enumerate(_record_keys(name, table)):
+                row = {c: values[index] for c, values in refs.items()}
+                if mine[index]:
+                    forgotten_refs |= {v for k, v in row.items() if k != "image_id" and v}
+                elif name == "images" and self.image_sha.get(row["image_id"], key[1]) != key[1]:
+                    conflicting_images.add(row["image_id"])
+                    conflicts.append(_conflict(drop.drop_id, name, row["image_id"], key[1]))
+                elif name in ("grounding", "vqa") and row.get("image_id") in conflicting_images:
+                    conflicts.append(_conflict(drop.drop_id, name, row["image_id"], None))
+                elif key in self.seen[name]:
+                    self.merged[name] += 1
+                else:
+                    self.seen[name].add(key)
+                    if name == "images":
+                        self.image_sha[row["image_id"]] = key[1]
+                    keep.append(index)
+            if len(keep) == table.num_rows:  # untouched since the check: carried over, not rewritten
+                self.reuse[name] += drop.shards.get(name, [])
+            else:
+                self.parts[name].append(drop.table(name).take(pa.array(keep, type=pa.int64())))
+        quarantine = drop.quarantine
+        if forgotten_refs:
+            gone = pc.fill_null(pc.is_in(quarantine.column("ref"), value_set=pa.array(sorted(forgotten_refs))), False)
+            quarantine = quarantine.filter(pc.invert(gone))
+        self.quarantine += [quarantine.cast(arrow_schema(QuarantineRecord)), to_arrow(conflicts, QuarantineRecord)]
+
+    def quarantine_table(self) -> pa.Table:
+        return pa.concat_tables(self.quarantine) if self.quarantine else arrow_schema(QuarantineRecord).empty_table()
+
+
+def _conflict(drop_id: str, table: str, image_id: str, sha: str | None) -> QuarantineRecord:
+    what = "its content differs from" if table == "images" else "it is grounded on an image that conflicts with"
+    return QuarantineRecord(drop_id=drop_id, stage="version", item="row", reason="conflicting_redelivery",
+                            detail=f"table {table}: image_id delivered before by an earlier drop and {what} that "
+                            "delivery; the first delivery is kept", source_sha256=sha, ref=image_id)
 
 
 def _gate_stats(drops: Sequence[CheckedDrop]) -> dict[str, dict]:
@@ -248,7 +279,10 @@ def publish(build_drops: Sequence[str], settings: Settings, stage_counts: Mappin
     stats = _gate_stats(checked)
     check_gates(stats, settings.quality)  # QualityGateError names the gate and the numbers
     forgotten = forgotten_patients(settings)
-    reuse, parts, quarantine, merged = _version_parts(checked, forgotten)
+    chosen = _VersionParts(forgotten)
+    for drop in checked:
+        chosen.add(drop)
+    reuse, parts, quarantine, merged = chosen.reuse, chosen.parts, chosen.quarantine_table(), dict(chosen.merged)
 
     root = versions_root(settings)
     root.mkdir(parents=True, exist_ok=True)

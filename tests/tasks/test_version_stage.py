@@ -1,0 +1,64 @@
+"""Which rows of each drop enter a version: forgotten patients, re-delivered records, conflicts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from test_version import image
+
+from radground.schemas import QuarantineRecord, arrow_schema
+from radground.tables import to_arrow
+from tasks.version import ReusedShard, write_shards
+from tasks.version_stage import TABLES, CheckedDrop, _VersionParts
+
+
+def checked(tmp: Path, drop_id: str, images: list) -> CheckedDrop:
+    folder = tmp / drop_id
+    shards = {}
+    for name, model in TABLES.items():
+        table = to_arrow(images, model) if name == "images" else arrow_schema(model).empty_table()
+        shards[name] = [ReusedShard(folder / e.path, e.sha256, e.rows)
+                        for e in write_shards(table, folder, name, 2**20)]
+    quarantine = to_arrow([QuarantineRecord(drop_id=drop_id, stage="ingest", item="file", reason="not_dicom",
+                                            detail="d", source_sha256="0" * 64, ref=images[0].series_uid)],
+                          QuarantineRecord)
+    return CheckedDrop(drop_id=drop_id, folder=folder, shards=shards, stats={}, docs=None, quarantine=quarantine)
+
+
+def test_an_untouched_drop_keeps_its_shards_and_repeats_are_merged(tmp_path):
+    a = checked(tmp_path, "A", [image(i, drop="A") for i in range(3)])
+    b = checked(tmp_path, "B", [image(i, drop="B") for i in range(2, 5)])  # image 2 again, same content
+    parts = _VersionParts(set())
+    parts.add(a)
+    parts.add(b)
+    assert parts.reuse["images"] == a.shards["images"]  # A untouched: carried over
+    (b_part,) = parts.parts["images"]
+    assert b_part.column("image_id").to_pylist() == ["2.25.3", "2.25.4"] and parts.merged["images"] == 1
+    assert parts.quarantine_table().num_rows == 2  # each drop's own quarantine rows
+
+
+def test_a_conflicting_redelivery_is_quarantined_and_the_first_delivery_kept(tmp_path):
+    a = checked(tmp_path, "A", [image(i, drop="A") for i in range(2)])
+    changed = image(1, drop="B", seed=7).model_copy(update={"source_sha256": "f" * 64})
+    b = checked(tmp_path, "B", [changed, image(5, drop="B")])
+    parts = _VersionParts(set())
+    parts.add(a)
+    parts.add(b)
+    assert parts.parts["images"][0].column("image_id").to_pylist() == ["2.25.5"]
+    rows = parts.quarantine_table().to_pylist()
+    conflict = [r for r in rows if r["reason"] == "conflicting_redelivery"]
+    assert conflict == [{"drop_id": "B", "stage": "version", "item": "row", "reason": "conflicting_redelivery",
+                         "detail": conflict[0]["detail"], "source_sha256": "f" * 64, "ref": "2.25.1"}]
+
+
+def test_a_forgotten_patient_leaves_every_row_and_their_quarantine_rows(tmp_path):
+    a = checked(tmp_path, "A", [image(0, patient="P1", drop="A"), image(1, patient="P2", drop="A")])
+    parts = _VersionParts({"P1"})
+    parts.add(a)
+    (kept,) = parts.parts["images"]
+    assert kept.column("patient_pseudonym").to_pylist() == ["P2"]
+    assert parts.quarantine_table().num_rows == 0  # the quarantine row referenced P1's series
+    assert pq.read_table(a.shards["images"][0].path).num_rows == 2  # the checked shards stay as they were
+    assert isinstance(kept, pa.Table)
