@@ -266,6 +266,14 @@ def run_rebuild(drops: Sequence[str], settings: Settings) -> list[DropResult]:
         return _run_locked(drops, settings)
 
 
+def _import_task_modules() -> None:
+    import prefect.task_engine  # noqa: F401 - what a Prefect task on a worker imports first
+
+    import tasks.curate.stage  # noqa: F401
+    import tasks.ground_stage  # noqa: F401
+    import tasks.segment.stage  # noqa: F401
+
+
 def _run_locked(drops: Sequence[str], settings: Settings) -> list[DropResult]:
     cached = _all_cached(drops, settings)
     if cached is not None:  # nothing to run: no Prefect, no Ray, only the (cheap) version check
@@ -274,6 +282,22 @@ def _run_locked(drops: Sequence[str], settings: Settings) -> list[DropResult]:
         for result in cached:
             result.version.update(published)
         return cached
-    with prefect_api(settings) as env:
-        runner = RayTaskRunner(address=settings.ray.address, init_kwargs=ray_init_kwargs(settings, env))
-        return rebuild_dataset.with_options(task_runner=runner)(list(drops), settings)
+    import ray
+
+    def start_local_ray(env: dict[str, str]) -> None:
+        # Local Ray starts while the Prefect server boots (each takes seconds); the task runner
+        # then uses the running instance, and this function's caller shuts it down.
+        if settings.ray.address is None and not ray.is_initialized():
+            ray.init(**ray_init_kwargs(settings, env))
+            # and its workers import the task modules meanwhile, not on the first real task
+            warm = ray.remote(num_cpus=1)(_import_task_modules)
+            for _ in range(settings.ray.num_cpus):
+                warm.remote()  # fire and forget: a failed warm-up only costs the time it would save
+
+    try:
+        with prefect_api(settings, while_starting=start_local_ray) as env:
+            runner = RayTaskRunner(address=settings.ray.address, init_kwargs=ray_init_kwargs(settings, env))
+            return rebuild_dataset.with_options(task_runner=runner)(list(drops), settings)
+    finally:
+        if settings.ray.address is None and ray.is_initialized():
+            ray.shutdown()

@@ -63,14 +63,18 @@ def _healthy(api_url: str) -> bool:
 
 
 @contextlib.contextmanager
-def prefect_api(settings: Settings) -> Iterator[dict[str, str]]:
+def prefect_api(settings: Settings, while_starting: Callable[[dict[str, str]], None] | None = None
+                ) -> Iterator[dict[str, str]]:
     """Make Prefect's API available for a run; yields the environment workers need.
 
     With ``prefect.api_url`` set, that server is used. Otherwise a server is started on a
-    free port of 127.0.0.1 and stopped when the block ends.
+    free port of 127.0.0.1 and stopped when the block ends. ``while_starting(env)`` runs while
+    the server boots (seconds that other start-up work, such as Ray's, can overlap).
     """
     if settings.prefect.api_url:
         env = prefect_environment(settings, settings.prefect.api_url)
+        if while_starting is not None:
+            while_starting(env)
         with _applied(env):
             yield env
         return
@@ -86,6 +90,8 @@ def prefect_api(settings: Settings) -> Iterator[dict[str, str]]:
             env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
     try:
+        if while_starting is not None:
+            while_starting(env)
         deadline = time.monotonic() + settings.prefect.server_start_timeout_s
         while not _healthy(api_url):
             if server.poll() is not None or time.monotonic() > deadline:
