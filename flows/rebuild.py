@@ -85,15 +85,14 @@ def rebuild_dataset(drops: list[str], settings: Settings) -> list[DropResult]:
     results: dict[str, DropResult] = {}
     stage_seconds: dict[str, float] = {}
     pending, built = list(drops), set()
-    while pending:
+    while pending or (pending := _stale_version_drops(settings, store, registry, set(results), built)):
+        # (after the given drops: the latest version's other drops must be current too)
         location = pending.pop(0)
         started = time.perf_counter()
         result = _build_drop(location, settings, registry, store, logger)
         results.setdefault(result.ingest.drop_id, result)
         built.add(location)
         stage_seconds[result.ingest.drop_id] = time.perf_counter() - started
-        if not pending:  # the latest version's other drops must be current too: rebuild the stale ones
-            pending = _stale_version_drops(settings, store, registry, set(results), built)
 
     started = time.perf_counter()
     summaries = list(results.values())
@@ -252,6 +251,10 @@ def _all_cached(drops: Sequence[str], settings: Settings) -> list[DropResult] | 
         results.setdefault(drop_id, _cached_result(fresh))
     if _stale_version_drops(settings, store, registry, set(results)):
         return None
+    if not drops:  # "bring the latest version up to date": report every drop of it
+        for drop_id in version.version_drops([], settings):
+            results[drop_id] = _cached_result(
+                buildstate.fresh_records(store, drop_id, buildstate.stage_keys(drop_id, settings)))
     return list(results.values())
 
 
@@ -262,6 +265,9 @@ def run_rebuild(drops: Sequence[str], settings: Settings) -> list[DropResult]:
     """
     for location in drops:
         discover.DropReader(location, settings)  # reject a missing drop before anything starts
+    if not drops and version.latest_version_dir(settings) is None:
+        raise buildstate.BuildStateError(
+            f"no drops given and no dataset version under {settings.data_dir} yet: pass the drop folders to build.")
     with buildstate.rebuild_lock(settings):
         return _run_locked(drops, settings)
 

@@ -128,8 +128,9 @@ def synth(
 
 @app.command()
 def rebuild(
-    drops: Annotated[list[str], typer.Argument(
-        metavar="DROP...", help="Drop folders, or store:PREFIX for a drop inside the object store.")],
+    drops: Annotated[list[str] | None, typer.Argument(
+        metavar="[DROP]...", help="Drop folders, or store:PREFIX for a drop inside the object store. None: bring "
+        "the latest version up to date with the current settings and code.")] = None,
     overlays: Annotated[int | None, typer.Option(
         "--overlays", min=0, help="Write PNG overlays of this many grounded slices per drop "
         "(<data_dir>/overlays/<drop_id>/).")] = None,
@@ -156,7 +157,7 @@ def rebuild(
             progress.update(bar, description=stage, completed=done, total=total)
 
         with progress_hook(follow):
-            summaries = run_rebuild(drops, settings)
+            summaries = run_rebuild(drops or [], settings)
     from tasks.curate.stage import summary_line as curate_line
     from tasks.ground_stage import summary_line as ground_line
     from tasks.segment.stage import summary_line as segment_line

@@ -71,6 +71,15 @@ def test_a_rebuild_without_change_runs_nothing_and_keeps_the_digest(world):
     world["steps"]["unchanged"] = again
 
 
+def test_a_rebuild_without_drops_reports_the_current_version(world, tmp_path):
+    from radground.buildstate import BuildStateError
+
+    (again,) = run_rebuild([], world["settings"])
+    assert again.cached and again.version["unchanged"] and again.version["digest"] == world["full"].version["digest"]
+    with pytest.raises(BuildStateError, match="no drops given and no dataset version"):
+        run_rebuild([], load_settings(data_dir=tmp_path / "empty", deid={"key": KEY}))
+
+
 def test_a_new_drop_runs_only_its_own_stages_and_carries_earlier_shards(world):
     settings, full = world["settings"], world["full"]
     before = _task_runs(settings)
