@@ -105,15 +105,6 @@ class CheckedDrop:
     docs: str | None
     quarantine: pa.Table = field(repr=False)
 
-    def table(self, name: str) -> pa.Table:
-        parts = [pq.read_table(s.path) for s in self.shards.get(name, [])]
-        return pa.concat_tables(parts) if parts else arrow_schema(TABLES[name]).empty_table()
-
-    def columns(self, name: str, columns: Sequence[str]) -> pa.Table:
-        """Some columns of a table: the keys, without reading the pixels."""
-        parts = [pq.read_table(s.path, columns=list(columns)) for s in self.shards.get(name, [])]
-        return pa.concat_tables(parts) if parts else arrow_schema(TABLES[name]).empty_table().select(list(columns))
-
 
 def quality_key(store: ObjectStore, drop_id: str, settings: Settings) -> str:
     ground = read_record(store, "ground", drop_id)
@@ -185,8 +176,9 @@ class _VersionParts:
     Reads only the key columns of a drop's shards (never the pixels) to find the rows to leave
     out: a forgotten patient's; exact repeats of an earlier drop's records (merged, counted); and
     images an earlier drop delivered under the same image_id with other content (the first
-    delivery is kept, the conflicting one and the rows grounded on it are quarantined). A table of
-    a drop that loses no row keeps its checked shards; only the others are re-sharded.
+    delivery is kept, the conflicting one and the rows grounded on it are quarantined). A shard
+    that loses no row is carried over; only a shard that does is rewritten without those rows,
+    so forgetting one patient rewrites the few shards holding them, not their whole drop.
     """
 
     def __init__(self, forgotten: set[str]) -> None:
@@ -197,43 +189,52 @@ class _VersionParts:
         self.image_sha: dict[str, str] = {}
         self.merged: Counter = Counter()
         self.quarantine: list[pa.Table] = []
+        # of the drop being added:
+        self._forgotten_refs: set[str] = set()  # study/series uids of forgotten patients
+        self._conflicts: list[QuarantineRecord] = []
+        self._conflicting_images: set[str] = set()
 
     def add(self, drop: CheckedDrop) -> None:
-        keys = {name: drop.columns(name, _key_columns(name)) for name in TABLES}
-        forgotten_refs: set[str] = set()
-        conflicts: list[QuarantineRecord] = []
-        conflicting_images: set[str] = set()
+        self._forgotten_refs: set[str] = set()
+        self._conflicts: list[QuarantineRecord] = []
+        self._conflicting_images: set[str] = set()
         for name in ("images", "reports", "grounding", "vqa"):  # images first: the others follow its conflicts
-            table = keys[name]
-            mine = pc.is_in(table.column("patient_pseudonym"), value_set=self.forgotten).to_pylist()
-            refs = {c: table.column(c).to_pylist() for c in ("study_uid", "series_uid", "image_id")
-                    if c in table.column_names}
-            keep = []
-            for index, key in enumerate(_record_keys(name, table)):
-                row = {c: values[index] for c, values in refs.items()}
-                if mine[index]:
-                    forgotten_refs |= {v for k, v in row.items() if k != "image_id" and v}
-                elif name == "images" and self.image_sha.get(row["image_id"], key[1]) != key[1]:
-                    conflicting_images.add(row["image_id"])
-                    conflicts.append(_conflict(drop.drop_id, name, row["image_id"], key[1]))
-                elif name in ("grounding", "vqa") and row.get("image_id") in conflicting_images:
-                    conflicts.append(_conflict(drop.drop_id, name, row["image_id"], None))
-                elif key in self.seen[name]:
-                    self.merged[name] += 1
-                else:
-                    self.seen[name].add(key)
-                    if name == "images":
-                        self.image_sha[row["image_id"]] = key[1]
-                    keep.append(index)
-            if len(keep) == table.num_rows:  # untouched since the check: carried over, not rewritten
-                self.reuse[name] += drop.shards.get(name, [])
-            else:
-                self.parts[name].append(drop.table(name).take(pa.array(keep, type=pa.int64())))
+            for shard in drop.shards.get(name, []):  # shard by shard: only a shard that loses rows is rewritten
+                keep, rows = self._keep(drop.drop_id, name, pq.read_table(shard.path, columns=_key_columns(name)))
+                if len(keep) == rows:  # untouched since the check: carried over, not rewritten
+                    self.reuse[name].append(shard)
+                elif keep:
+                    self.parts[name].append(pq.read_table(shard.path).take(pa.array(keep, type=pa.int64())))
+        forgotten_refs, conflicts = self._forgotten_refs, self._conflicts
         quarantine = drop.quarantine
         if forgotten_refs:
             gone = pc.fill_null(pc.is_in(quarantine.column("ref"), value_set=pa.array(sorted(forgotten_refs))), False)
             quarantine = quarantine.filter(pc.invert(gone))
         self.quarantine += [quarantine.cast(arrow_schema(QuarantineRecord)), to_arrow(conflicts, QuarantineRecord)]
+
+    def _keep(self, drop_id: str, name: str, table: pa.Table) -> tuple[list[int], int]:
+        """Indices of the rows of one shard (its key columns) that go into the version."""
+        mine = pc.is_in(table.column("patient_pseudonym"), value_set=self.forgotten).to_pylist()
+        refs = {c: table.column(c).to_pylist() for c in ("study_uid", "series_uid", "image_id")
+                if c in table.column_names}
+        keep = []
+        for index, key in enumerate(_record_keys(name, table)):
+            row = {c: values[index] for c, values in refs.items()}
+            if mine[index]:
+                self._forgotten_refs |= {v for k, v in row.items() if k != "image_id" and v}
+            elif name == "images" and self.image_sha.get(row["image_id"], key[1]) != key[1]:
+                self._conflicting_images.add(row["image_id"])
+                self._conflicts.append(_conflict(drop_id, name, row["image_id"], key[1]))
+            elif name in ("grounding", "vqa") and row.get("image_id") in self._conflicting_images:
+                self._conflicts.append(_conflict(drop_id, name, row["image_id"], None))
+            elif key in self.seen[name]:
+                self.merged[name] += 1
+            else:
+                self.seen[name].add(key)
+                if name == "images":
+                    self.image_sha[row["image_id"]] = key[1]
+                keep.append(index)
+        return keep, table.num_rows
 
     def quarantine_table(self) -> pa.Table:
         return pa.concat_tables(self.quarantine) if self.quarantine else arrow_schema(QuarantineRecord).empty_table()

@@ -14,13 +14,13 @@ from tasks.version import ReusedShard, write_shards
 from tasks.version_stage import TABLES, CheckedDrop, _VersionParts
 
 
-def checked(tmp: Path, drop_id: str, images: list) -> CheckedDrop:
+def checked(tmp: Path, drop_id: str, images: list, target: int = 2**20) -> CheckedDrop:
     folder = tmp / drop_id
     shards = {}
     for name, model in TABLES.items():
         table = to_arrow(images, model) if name == "images" else arrow_schema(model).empty_table()
         shards[name] = [ReusedShard(folder / e.path, e.sha256, e.rows)
-                        for e in write_shards(table, folder, name, 2**20)]
+                        for e in write_shards(table, folder, name, target)]
     quarantine = to_arrow([QuarantineRecord(drop_id=drop_id, stage="ingest", item="file", reason="not_dicom",
                                             detail="d", source_sha256="0" * 64, ref=images[0].series_uid)],
                           QuarantineRecord)
@@ -62,3 +62,16 @@ def test_a_forgotten_patient_leaves_every_row_and_their_quarantine_rows(tmp_path
     assert parts.quarantine_table().num_rows == 0  # the quarantine row referenced P1's series
     assert pq.read_table(a.shards["images"][0].path).num_rows == 2  # the checked shards stay as they were
     assert isinstance(kept, pa.Table)
+
+
+def test_forgetting_rewrites_only_the_shards_that_hold_the_patient(tmp_path):
+    rows = [image(i, patient="P1" if i == 1 else "P2", drop="A", size=32) for i in range(12)]
+    a = checked(tmp_path, "A", rows, target=24 * 2**10)  # a few rows per shard
+    assert len(a.shards["images"]) >= 3 and a.shards["images"][0].rows >= 2
+    parts = _VersionParts({"P1"})
+    parts.add(a)
+    (rewritten,) = parts.parts["images"]  # only the first shard held P1
+    assert set(rewritten.column("patient_pseudonym").to_pylist()) <= {"P2"}
+    assert parts.reuse["images"] == a.shards["images"][1:]
+    kept = rewritten.num_rows + sum(s.rows for s in parts.reuse["images"])
+    assert kept == 11
