@@ -34,6 +34,7 @@ app = typer.Typer(
     help="Turn hospital DICOM + report drops into versioned, spatially grounded VLM datasets.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",  # docstring paragraphs reflow to the terminal instead of keeping source line breaks
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 config_app = typer.Typer(help="Inspect the effective settings.", no_args_is_help=True)
