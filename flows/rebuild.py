@@ -131,13 +131,21 @@ def _stale_version_drops(settings: Settings, store, registry: buildstate.DropReg
     return stale
 
 
+def _known_drop(reader: discover.DropReader, registry: buildstate.DropRegistry, store, settings: Settings
+                ) -> tuple[list[str], str | None, str | None, dict[str, buildstate.StageRecord]]:
+    """(files, listing fingerprint, drop id if this exact listing was built before, its current stages)."""
+    files = reader.list_files()
+    fingerprint = reader.fingerprint(files)
+    drop_id = registry.drop_for(reader.location, fingerprint)
+    fresh = buildstate.fresh_records(store, drop_id, buildstate.stage_keys(drop_id, settings)) if drop_id else {}
+    return files, fingerprint, drop_id, fresh
+
+
 def _build_drop(location: str, settings: Settings, registry: buildstate.DropRegistry, store, logger) -> DropResult:
     parts = settings.ray.num_cpus * settings.ingest.tasks_per_cpu
     reader = discover.DropReader(location, settings)
-    paths, mask_files = discover.image_candidates(files := reader.list_files(), settings)
-    fingerprint = reader.fingerprint(files)
-    drop_id = registry.drop_for(location, fingerprint)
-    fresh = buildstate.fresh_records(store, drop_id, buildstate.stage_keys(drop_id, settings)) if drop_id else {}
+    files, fingerprint, drop_id, fresh = _known_drop(reader, registry, store, settings)
+    paths, mask_files = discover.image_candidates(files, settings)
     if len(fresh) == 4:
         logger.info("drop %s: unchanged, every stage current (cached)", drop_id)
         return _cached_result(fresh)
@@ -241,11 +249,7 @@ def _all_cached(drops: Sequence[str], settings: Settings) -> list[DropResult] | 
     store = open_store(settings)
     results: dict[str, DropResult] = {}
     for location in drops:
-        reader = discover.DropReader(location, settings)
-        drop_id = registry.drop_for(location, reader.fingerprint(reader.list_files()))
-        if drop_id is None:
-            return None
-        fresh = buildstate.fresh_records(store, drop_id, buildstate.stage_keys(drop_id, settings))
+        _, _, drop_id, fresh = _known_drop(discover.DropReader(location, settings), registry, store, settings)
         if len(fresh) < 4:
             return None
         results.setdefault(drop_id, _cached_result(fresh))

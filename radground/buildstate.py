@@ -81,7 +81,8 @@ class StageRecord(BaseModel):
     finished_at: str = ""  # informational; never part of a key
 
 
-def _sha(payload: Any) -> str:
+def content_sha(payload: Any) -> str:
+    """sha256 of a JSON-able payload (sorted keys): the one recipe for every key here."""
     return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
@@ -95,7 +96,7 @@ def stage_keys(drop_id: str, settings: Settings) -> dict[str, str]:
     """The key every stage of ``drop_id`` runs under with these settings and this code."""
     keys: dict[str, str] = {}
     for stage in STAGES:
-        keys[stage] = _sha({
+        keys[stage] = content_sha({
             "stage": stage, "drop_id": drop_id, "code_version": __version__,
             "settings": settings.stage_hash(stage), "upstream": [keys[u] for u in UPSTREAM[stage]],
             "deid_key": key_fingerprint(settings) if stage == "ingest" else "",
@@ -166,7 +167,7 @@ def listing_fingerprint(root: Path, relative_paths: Iterable[str]) -> str:
     for rel in relative_paths:
         stat = (root / rel).stat()
         entries.append((rel, stat.st_size, stat.st_mtime_ns))
-    return _sha(entries)
+    return content_sha(entries)
 
 
 class DropRegistry:
@@ -235,7 +236,7 @@ def series_key(stage: str, content: Any, settings: Settings) -> str:
     """Key of one series' output of ``stage`` ("ingest" or "segment"): what the series is made of
     plus the settings of ingest (and of ``stage``), the de-identification key and the code."""
     stages = ("ingest",) if stage == "ingest" else ("ingest", stage)
-    return _sha({"stage": stage, "content": content, "settings": [settings.stage_hash(s) for s in stages],
+    return content_sha({"stage": stage, "content": content, "settings": [settings.stage_hash(s) for s in stages],
                  "code_version": __version__, "deid_key": key_fingerprint(settings)})
 
 

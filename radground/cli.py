@@ -263,11 +263,12 @@ def _version_dir(version: str) -> Path:
 def datasets_list() -> None:
     """List the dataset versions under data_dir, newest first, with their row counts."""
     from tasks.version import read_manifest
-    from tasks.version_stage import LATEST, versions_root
+    from tasks.version_stage import latest_version_dir, versions_root
 
     root = versions_root(state.settings)
     table = Table("version", "parent", "drops", "rows", "created")
-    latest = (root / LATEST).read_text().strip() if (root / LATEST).exists() else None
+    latest_dir = latest_version_dir(state.settings)
+    latest = latest_dir.name if latest_dir else None
     folders = [p for p in root.iterdir() if p.is_dir() and (p / "manifest.json").exists()] if root.is_dir() else []
     for folder in sorted(folders, key=lambda p: read_manifest(p).created_at, reverse=True):
         m = read_manifest(folder)

@@ -5,8 +5,8 @@ patients. Each drop is checked once per quality key (its ground key + the qualit
 + the code version): the passed rows are cut into content-addressed shards under
 ``<data_dir>/cache/quality/<drop>/<key16>/`` and later versions carry those shards over by hard
 link, untouched, so adding a drop writes only that drop's shards ("a new drop adds shards; it
-never rewrites the shards of earlier drops"). Only a drop whose rows change after the check
-(a forgotten patient, a record an earlier drop already delivered) is re-sharded.
+never rewrites the shards of earlier drops"). Only a shard that loses rows after the check (a
+forgotten patient, a record an earlier drop already delivered) is rewritten.
 
 A version whose digest is already recorded (DVC pushed and MLflow run written) is current:
 a rebuild that changes nothing stops there. Push or record failing leaves it unrecorded, so
@@ -15,7 +15,6 @@ the next rebuild retries exactly those steps.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -29,7 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from radground import __version__
-from radground.buildstate import forget_patients, forgotten_patients, read_record, rebuild_lock
+from radground.buildstate import content_sha, forget_patients, forgotten_patients, read_record, rebuild_lock
 from radground.dvc import DvcRepo
 from radground.keys import load_key
 from radground.lineage import LineageRecord, record_build, write_lineage
@@ -99,7 +98,6 @@ class CheckedDrop:
     """One drop after its quality checks: shards per table, quarantine rows, per-table stats."""
 
     drop_id: str
-    folder: Path
     shards: dict[str, list[ReusedShard]]
     stats: dict[str, dict]
     docs: str | None
@@ -111,9 +109,8 @@ def quality_key(store: ObjectStore, drop_id: str, settings: Settings) -> str:
     if ground is None:
         raise VersionError(f"drop {drop_id} has no finished ground stage, so it cannot be versioned. Rebuild it "
                            "(radground rebuild DROP).")
-    blob = json.dumps({"ground": ground.key, "quality": settings.stage_hash("quality"),
-                       "version": settings.stage_hash("version"), "code_version": __version__}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()
+    return content_sha({"ground": ground.key, "quality": settings.stage_hash("quality"),
+                        "version": settings.stage_hash("version"), "code_version": __version__})
 
 
 def check_drop(store: ObjectStore, drop_id: str, settings: Settings) -> CheckedDrop:
@@ -126,7 +123,7 @@ def check_drop(store: ObjectStore, drop_id: str, settings: Settings) -> CheckedD
     saved = json.loads(result.read_text(encoding="utf-8"))
     shards = {name: [ReusedShard(folder / s["path"], s["sha256"], s["rows"]) for s in entries]
               for name, entries in saved["shards"].items()}
-    return CheckedDrop(drop_id=drop_id, folder=folder, shards=shards, stats=saved["stats"], docs=saved["docs"],
+    return CheckedDrop(drop_id=drop_id, shards=shards, stats=saved["stats"], docs=saved["docs"],
                        quarantine=pq.read_table(folder / "quarantine.parquet"))
 
 

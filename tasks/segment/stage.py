@@ -21,7 +21,7 @@ from radground.imaging import pixels_from_bytes
 from radground.schemas import MaskRecord, QuarantineRecord
 from radground.settings import SegmentationSettings, Settings
 from radground.store import open_store
-from radground.tables import read_table, relabelled, write_table
+from radground.tables import parquet_bytes, read_table, relabelled, to_arrow, write_table
 from tasks.ground import mask_records
 from tasks.segment.base import SegmentationError, SeriesVolume, check_mask
 
@@ -119,14 +119,7 @@ def segment_series(location: str, drop_id: str, image_keys: Sequence[str], setti
         if earlier is not None:
             outcomes.append(_copied(earlier, drop_id, store))
             continue
-        outcome = _segment_one(table, location, drop_id, settings, store)
-        if outcome.mask_key and content_key:
-            data = store.get(outcome.mask_key)
-            buildstate.remember_series_output(store, STAGE, content_key, outcome.mask_key, data, {
-                "series_uid": outcome.series_uid, "study_uid": outcome.study_uid, "modality": outcome.modality,
-                "slices": outcome.slices, "image_ids": list(outcome.image_ids), "classes": dict(outcome.classes),
-                "stats": outcome.stats})
-        outcomes.append(outcome)
+        outcomes.append(_segment_one(table, location, drop_id, settings, store, content_key))
     return outcomes
 
 
@@ -140,7 +133,8 @@ def _copied(earlier: buildstate.SeriesOutput, drop_id: str, store) -> SegmentOut
                           stats=extra["stats"], reused=True)
 
 
-def _segment_one(table, location: str, drop_id: str, settings: Settings, store) -> SegmentOutcome:
+def _segment_one(table, location: str, drop_id: str, settings: Settings, store, content_key: str | None
+                 ) -> SegmentOutcome:
     volume, series_uid, study_uid = load_volume(table)
     outcome = SegmentOutcome(series_uid, study_uid, volume.modality, None, len(volume.image_ids),
                              image_ids=volume.image_ids)
@@ -159,8 +153,13 @@ def _segment_one(table, location: str, drop_id: str, settings: Settings, store) 
     records = mask_records(labels, image_ids=volume.image_ids, series_uid=series_uid, study_uid=study_uid,
                            drop_id=drop_id, backend=backend, min_area_px=settings.grounding.min_area_px)
     outcome.mask_key = f"{STAGE}/{drop_id}/masks/{series_uid}.parquet"
-    write_table(store, outcome.mask_key, records, MaskRecord)
+    data = parquet_bytes(to_arrow(records, MaskRecord))
+    store.put(outcome.mask_key, data)
     outcome.classes = Counter(r.class_name for r in records)
+    if content_key:  # later drops delivering the same series copy this
+        buildstate.remember_series_output(store, STAGE, content_key, outcome.mask_key, data, {
+            "series_uid": series_uid, "study_uid": study_uid, "modality": outcome.modality, "slices": outcome.slices,
+            "image_ids": list(outcome.image_ids), "classes": dict(outcome.classes), "stats": outcome.stats})
     logger.info("segment series %s: %d slices, %d class masks (%s)", series_uid, outcome.slices,
                 len(records), backend)
     return outcome

@@ -61,13 +61,10 @@ def world(tmp_path_factory):
 def test_a_rebuild_without_change_runs_nothing_and_keeps_the_digest(world):
     settings, full = world["settings"], world["full"]
     before = _task_runs(settings)
-    started = time.perf_counter()
     (again,) = run_rebuild([str(world["a"])], settings)
-    elapsed = time.perf_counter() - started
     assert again.cached and again.version["unchanged"]
     assert again.version["digest"] == full.version["digest"]
     assert _new_runs(before, _task_runs(settings)) == {}  # no task ran: Prefect was not even started
-    assert elapsed < 20, elapsed  # generous; the benchmark reports the real ratio
     world["steps"]["unchanged"] = again
 
 

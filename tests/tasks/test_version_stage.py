@@ -24,7 +24,7 @@ def checked(tmp: Path, drop_id: str, images: list, target: int = 2**20) -> Check
     quarantine = to_arrow([QuarantineRecord(drop_id=drop_id, stage="ingest", item="file", reason="not_dicom",
                                             detail="d", source_sha256="0" * 64, ref=images[0].series_uid)],
                           QuarantineRecord)
-    return CheckedDrop(drop_id=drop_id, folder=folder, shards=shards, stats={}, docs=None, quarantine=quarantine)
+    return CheckedDrop(drop_id=drop_id, shards=shards, stats={}, docs=None, quarantine=quarantine)
 
 
 def test_an_untouched_drop_keeps_its_shards_and_repeats_are_merged(tmp_path):
