@@ -47,8 +47,10 @@ def same_work_in_one_process(location: str, settings) -> int:
 
     reader = discover.DropReader(location, settings)
     scanned = discover.scan_files(reader, discover.image_candidates(reader.list_files(), settings)[0])
-    drop_id = discover.drop_id_for(discover.read_drop_info(reader), [s.sha256 for s in scanned])
-    plan = discover.plan_drop(drop_id, scanned, *discover.read_reports(reader, drop_id), settings)
+    info = discover.read_drop_info(reader)
+    drop_id = discover.drop_id_for(info, [s.sha256 for s in scanned])
+    plan = discover.plan_drop(drop_id, scanned, discover.read_reports(reader, drop_id, info.encoding if info else None),
+                              settings)
     outcomes = ingest.ingest_shard(location, plan.series, settings)
     summary = ingest.finish_ingest(plan, outcomes, ingest.ingest_reports(plan.reports, drop_id, settings), settings)
     return summary.slices

@@ -22,7 +22,7 @@ from prefect_ray import RayTaskRunner
 
 from radground import buildstate
 from radground.buildstate import RebuildLockedError  # noqa: F401 - raised by run_rebuild
-from radground.errors import StoreAuthError, StoreError
+from radground.errors import StageError, StoreAuthError, StoreError, guarded
 from radground.runtime import prefect_api, ray_init_kwargs, report_progress
 from radground.settings import Settings
 from radground.store import open_store
@@ -42,7 +42,9 @@ def _transient_only(task_, task_run, state) -> bool:
         state.result(raise_on_failure=True)
     except StoreAuthError:
         return False
-    except (StoreError, ConnectionError, TimeoutError):
+    except StageError as exc:  # a library's ConnectionError/TimeoutError, text withheld
+        return exc.transient
+    except StoreError:
         return True
     except Exception:  # noqa: BLE001 - everything else is not transient
         return False
@@ -50,8 +52,10 @@ def _transient_only(task_, task_run, state) -> bool:
 
 
 def _stage_task(fn, name: str):
-    return task(fn, name=name, retries=len(_RETRY_DELAYS), retry_delay_seconds=_RETRY_DELAYS,
-                retry_condition_fn=_transient_only, cache_policy=NO_CACHE, persist_result=False)
+    # The boundary sits inside the task, so what Prefect stores and Ray logs is radground's message.
+    return task(guarded(f"{name} task")(fn), name=name, retries=len(_RETRY_DELAYS),
+                retry_delay_seconds=_RETRY_DELAYS, retry_condition_fn=_transient_only, cache_policy=NO_CACHE,
+                persist_result=False)
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,7 @@ ingest_reports_task = _stage_task(ingest.ingest_reports, "ingest-reports")
 
 
 @flow(name="rebuild_dataset", validate_parameters=False, log_prints=False)
+@guarded("the rebuild_dataset flow")  # its state message and logs live in Prefect's database
 def rebuild_dataset(drops: list[str], settings: Settings) -> list[DropResult]:
     """Per drop: ingest (scan, plan, extract series, scrub reports), curate the reports, segment the
     series, and ground the report keywords on the slices, each stage only where its cached output is
@@ -158,8 +163,8 @@ def _build_drop(location: str, settings: Settings, registry: buildstate.DropRegi
         info = discover.read_drop_info(reader)
         drop_id = discover.drop_id_for(info, [s.sha256 for s in scanned])
         registry.remember(drop_id, location, fingerprint)
-        reports, bad_reports = discover.read_reports(reader, drop_id)
-        plan = discover.plan_drop(drop_id, scanned, reports, bad_reports, settings)
+        reports = discover.read_reports(reader, drop_id, info.encoding if info else None)
+        plan = discover.plan_drop(drop_id, scanned, reports, settings)
         plan.mask_files = len(mask_files)
         fresh = buildstate.fresh_records(store, drop_id, buildstate.stage_keys(drop_id, settings))
         logger.info("discover %s: %d files, %d series planned, %d quarantined so far", drop_id, plan.files_in,

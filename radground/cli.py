@@ -10,6 +10,7 @@ import json
 import logging
 import platform
 import sys
+import traceback
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -348,13 +349,28 @@ def config_show() -> None:
 
 
 def main() -> None:
-    """Console entry point: one line per error, non-zero exit, traceback with --debug."""
+    """Console entry point: one line per error, non-zero exit, traceback with --debug.
+
+    Only radground's own messages are printed: a library's error text can quote the input
+    (patient data), so it is shown with --debug alone, on this terminal, and stored nowhere.
+    """
     try:
         app()
     except RadgroundError as exc:
         if state.debug:
+            original = getattr(exc, "original", None)
+            if original is not None:
+                console.print("[bold]the withheld library error (--debug, this terminal only):[/]")
+                console.print("".join(traceback.format_exception(original)), highlight=False, markup=False)
             raise
         console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(EXIT_ERROR)
+    except Exception as exc:  # noqa: BLE001 - the last boundary before the terminal
+        if state.debug:
+            raise
+        console.print(f"[bold red]error:[/] radground failed with {type(exc).__name__} (its text is withheld: "
+                      "library errors can quote patient data). Re-run with --debug to see it on this terminal.",
+                      highlight=False, soft_wrap=True)
         sys.exit(EXIT_ERROR)
 
 

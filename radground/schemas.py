@@ -6,16 +6,21 @@ Later stages add the dataset tables here.
 
 from __future__ import annotations
 
+import re
 import types
 import typing
 from datetime import date, datetime
 from typing import Literal
 
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 REPORTS_FILE = "reports.csv"
 DROP_INFO_FILE = "drop.yaml"
+
+
+#: The study_date forms reports.csv may use: ISO, DICOM DA, German. (regex, strptime format)
+_DATE_FORMS = ((r"\d{4}-\d{2}-\d{2}", "%Y-%m-%d"), (r"\d{8}", "%Y%m%d"), (r"\d{2}\.\d{2}\.\d{4}", "%d.%m.%Y"))
 
 
 class DropReportRow(BaseModel):
@@ -25,9 +30,24 @@ class DropReportRow(BaseModel):
 
     accession_number: str = Field(min_length=1)
     patient_id: str = Field(min_length=1)
-    study_date: date
+    study_date: date = Field(description="YYYY-MM-DD (ISO), YYYYMMDD (DICOM DA) or DD.MM.YYYY (German).")
     language: Literal["de", "en"]
     report_text: str = Field(min_length=1)
+
+    @field_validator("study_date", mode="before")
+    @classmethod
+    def _hospital_date_forms(cls, value):
+        """Accept the three forms hospital systems export; anything else fails validation (quarantined)."""
+        if not isinstance(value, str):
+            return value
+        text = value.strip()
+        for pattern, form in _DATE_FORMS:
+            if re.fullmatch(pattern, text):
+                try:
+                    return datetime.strptime(text, form).date()
+                except ValueError:
+                    raise ValueError("study_date is not a calendar date") from None
+        raise ValueError("study_date must be YYYY-MM-DD, YYYYMMDD or DD.MM.YYYY")
 
 
 #: Column order of reports.csv, derived from the schema so there is no second list.
@@ -41,6 +61,7 @@ class DropInfo(BaseModel):
 
     site: str = Field(min_length=1)
     received_at: datetime
+    encoding: str | None = Field(default=None, description="Codec of reports.csv (e.g. cp1252); detected when absent.")
 
 
 # --------------------------------------------------------------------------- dataset tables

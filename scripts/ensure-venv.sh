@@ -49,6 +49,9 @@ fi
 flock -u 9
 
 STAMP=$( (echo "$DEPS"; cat "$ROOT/pyproject.toml") | sha256sum | cut -c1-16)
+# One builder of this clone's .venv at a time, too (two `make` targets started together).
+exec 8>"$ROOT/.venv.lock"
+flock 8
 if [ ! -f "$VENV/.radground-stamp" ] || [ "$(cat "$VENV/.radground-stamp")" != "$STAMP" ]; then
   rm -rf "$VENV"
   "$PYTHON" -m venv --without-pip "$VENV"
@@ -61,7 +64,7 @@ if [ ! -f "$VENV/.radground-stamp" ] || [ "$(cat "$VENV/.radground-stamp")" != "
   for tool in "$DEPS"/bin/*; do
     name=$(basename "$tool")
     case "$name" in python*|pip*|activate*|Activate*|__pycache__) continue ;; esac
-    [ -e "$VENV/bin/$name" ] || ln -s "$tool" "$VENV/bin/$name"
+    [ -e "$VENV/bin/$name" ] || ln -sf "$tool" "$VENV/bin/$name"
   done
   echo "$STAMP" > "$VENV/.radground-stamp"
   echo "ensure-venv: .venv ready (dependencies from $DEPS)" >&2

@@ -8,6 +8,7 @@ quarantine rows carry a file's sha256, never its path or name.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import csv
 import hashlib
@@ -18,6 +19,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import charset_normalizer
 import numpy as np
 import pydicom
 import yaml
@@ -27,7 +29,7 @@ from pydicom.errors import InvalidDicomError
 from radground.buildstate import listing_fingerprint
 from radground.errors import RadgroundError
 from radground.keys import load_key
-from radground.schemas import DROP_INFO_FILE, REPORTS_FILE, DropInfo, DropReportRow, QuarantineRecord
+from radground.schemas import DROP_INFO_FILE, REPORT_COLUMNS, REPORTS_FILE, DropInfo, DropReportRow, QuarantineRecord
 from radground.settings import Settings
 from radground.store import open_store
 from tasks.deid import pseudonym_uid
@@ -247,20 +249,45 @@ class ReportRow:
     sha256: str
 
 
-def read_reports(reader: DropReader, drop_id: str) -> tuple[list[ReportRow], list[QuarantineRecord]]:
-    """Parse and validate reports.csv; invalid rows are quarantined, a missing file is an error."""
+@dataclass(frozen=True)
+class ReportsTable:
+    """reports.csv as read: valid rows, quarantined rows, and how the file was decoded and split."""
+
+    rows: list[ReportRow]
+    rejected: list[QuarantineRecord]
+    encoding: str  # the codec used (declared in drop.yaml, or detected)
+    delimiter: str  # "," ";" or "\t"
+
+
+#: Delimiters a hospital export uses: comma, Excel's German default semicolon, tab.
+DELIMITERS = {",": "comma", ";": "semicolon", "\t": "tab"}
+
+
+def read_reports(reader: DropReader, drop_id: str, declared_encoding: str | None = None) -> ReportsTable:
+    """Parse and validate reports.csv; invalid rows are quarantined, a missing or unreadable file is an error.
+
+    The encoding is ``declared_encoding`` (drop.yaml ``encoding:``) or detected: UTF-8 with or
+    without BOM, else charset-normalizer's best guess (German exports are often Windows-1252).
+    The delimiter is whichever of comma, semicolon or tab splits the header into the columns.
+    """
     if not reader.exists(REPORTS_FILE):
         raise DropError(f"drop {reader.location}: no {REPORTS_FILE} at its top. Every drop carries one "
                         "(see README, 'The drop format'); an empty table with the header row is allowed.")
-    text = reader.read(REPORTS_FILE).decode("utf-8-sig")
-    table = csv.DictReader(io.StringIO(text, newline=""))
+    text, encoding = decode_reports(reader.read(REPORTS_FILE), declared_encoding, reader.location)
+    delimiter = _delimiter(text, reader.location)
+    table = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    table.fieldnames = [name.strip() for name in table.fieldnames or []]
     expected = list(DropReportRow.model_fields)
-    if table.fieldnames is None or sorted(table.fieldnames) != sorted(expected):
-        raise DropError(f"drop {reader.location}: {REPORTS_FILE} has columns {table.fieldnames}; expected "
-                        f"{expected}. Fix the header row.")
     rows, rejected = [], []
     for raw in table:
         digest = hashlib.sha256("\x1f".join(raw.get(k) or "" for k in expected).encode()).hexdigest()
+        if None in raw:  # more fields than the header: the row's own text would be cut at a delimiter
+            rejected.append(QuarantineRecord(drop_id=drop_id, stage="ingest", item="report",
+                                             reason="invalid_report_row", source_sha256=digest,
+                                             detail=f"reports.csv row has more fields than the header's "
+                                                    f"{len(expected)}; quote fields that contain "
+                                                    f"{DELIMITERS[delimiter]}s"))
+            continue
         try:
             rows.append(ReportRow(DropReportRow.model_validate(raw), digest))
         except ValidationError as exc:
@@ -268,7 +295,57 @@ def read_reports(reader: DropReader, drop_id: str) -> tuple[list[ReportRow], lis
             rejected.append(QuarantineRecord(drop_id=drop_id, stage="ingest", item="report",
                                              reason="invalid_report_row", source_sha256=digest,
                                              detail=f"reports.csv row invalid in column(s) {', '.join(fields)}"))
-    return rows, rejected
+    return ReportsTable(rows, rejected, encoding, delimiter)
+
+
+def decode_reports(data: bytes, declared: str | None, location: str) -> tuple[str, str]:
+    """(text, codec used). The error never quotes the bytes: they are patient IDs and report text."""
+    if declared:
+        try:
+            codec = codecs.lookup(declared).name
+        except LookupError:
+            raise DropError(f"drop {location}: drop.yaml names encoding {declared!r}, which Python does not "
+                            "know. Use a codec name such as utf-8, cp1252 or latin-1.") from None
+        if codec == "utf-8":
+            codec = "utf-8-sig"  # a BOM is not text
+        try:
+            return data.decode(codec), codec
+        except UnicodeDecodeError as exc:
+            raise DropError(f"drop {location}: {REPORTS_FILE} is not valid {declared} (the first bad byte is at "
+                            f"offset {exc.start}). Re-export it as {declared}, or correct encoding: in drop.yaml "
+                            "(remove it to let radground detect the encoding).") from None
+    try:
+        return data.decode("utf-8-sig"), "utf-8" + ("-sig" if data.startswith(codecs.BOM_UTF8) else "")
+    except UnicodeDecodeError:
+        pass
+    best = charset_normalizer.from_bytes(data).best()
+    if best is None:
+        raise DropError(f"drop {location}: {REPORTS_FILE} is not UTF-8 and its encoding could not be detected. "
+                        "Save it as UTF-8 (Excel: 'CSV UTF-8'), or name its encoding in drop.yaml "
+                        "(e.g. encoding: cp1252).")
+    return str(best), best.encoding
+
+
+def _delimiter(text: str, location: str) -> str:
+    """The delimiter whose split of the first line gives exactly the expected columns."""
+    header = text.splitlines()[0] if text else ""
+    expected = set(REPORT_COLUMNS)
+    for delimiter in DELIMITERS:
+        names = {name.strip() for name in next(csv.reader([header], delimiter=delimiter), [])}
+        if names == expected:
+            return delimiter
+    # Name only the expected columns found or missing: a file without a header row would
+    # otherwise put its first record (a patient ID, report text) into this message.
+    best = max(DELIMITERS, key=lambda d: len(expected & {n.strip() for n in next(csv.reader([header], delimiter=d), [])}))
+    fields = [n.strip() for n in next(csv.reader([header], delimiter=best), [])]
+    found = [n for n in fields if n in expected]
+    missing = [n for n in REPORT_COLUMNS if n not in found]
+    unknown = len(fields) - len(found)
+    raise DropError(f"drop {location}: the first line of {REPORTS_FILE} is not its header row: expected the columns "
+                    f"{list(REPORT_COLUMNS)} (any order) separated by comma, semicolon or tab; with "
+                    f"{DELIMITERS[best]}s it has {len(fields)} field(s), missing {missing}"
+                    + (f", and {unknown} unknown column(s) (not shown: they may be data)" if unknown else "")
+                    + ". Fix the header row (see README, 'The drop format').")
 
 
 def read_drop_info(reader: DropReader) -> DropInfo | None:
@@ -330,6 +407,7 @@ class DropPlan:
     reports_in: int = 0
     quarantine: list[QuarantineRecord] = field(default_factory=list)
     mask_files: int = 0  # files of the masks folder, for the imported segmentation backend
+    reports_encoding: str = ""  # how reports.csv was decoded (declared or detected)
 
     @property
     def files_quarantined(self) -> int:
@@ -345,13 +423,13 @@ def slice_axis(orientation: Sequence[float]) -> str:
     return ("sagittal", "coronal", "axial")[axis]
 
 
-def plan_drop(
-    drop_id: str, scanned: Sequence[FileHeader | Rejection], reports: Sequence[ReportRow],
-    rejected_reports: Sequence[QuarantineRecord], settings: Settings,
-) -> DropPlan:
+def plan_drop(drop_id: str, scanned: Sequence[FileHeader | Rejection], table: ReportsTable,
+              settings: Settings) -> DropPlan:
     """Apply every file- and series-level rule; join reports to studies by accession."""
-    plan = DropPlan(drop_id=drop_id, files_in=len(scanned), reports_in=len(reports) + len(rejected_reports))
-    plan.quarantine.extend(rejected_reports)
+    reports = table.rows
+    plan = DropPlan(drop_id=drop_id, files_in=len(scanned), reports_in=len(reports) + len(table.rejected),
+                    reports_encoding=table.encoding)
+    plan.quarantine.extend(table.rejected)
 
     def reject_file(sha: str, reason: str, detail: str) -> None:
         plan.quarantine.append(QuarantineRecord(drop_id=drop_id, stage="ingest", item="file", reason=reason,

@@ -20,7 +20,7 @@ import numpy as np
 import pydicom
 
 from radground import buildstate
-from radground.errors import RadgroundError
+from radground.errors import DeidError, RadgroundError, failure_boundary
 from radground.keys import load_key
 from radground.schemas import ImageRecord, QuarantineRecord, ReportRecord
 from radground.settings import Settings
@@ -106,7 +106,12 @@ def ingest_series(location: str, plan: SeriesPlan, settings: Settings) -> Series
 
 def ingest_shard(location: str, plans: Sequence[SeriesPlan], settings: Settings) -> list[SeriesOutcome]:
     """Several whole series in one task: Prefect's per-task cost is paid once per shard."""
-    return [ingest_series(location, plan, settings) for plan in plans]
+    key = load_key(settings)
+    outcomes = []
+    for plan in plans:
+        with failure_boundary(f"ingest of series {pseudonym_uid(key, plan.series_uid)} (drop {plan.drop_id})"):
+            outcomes.append(ingest_series(location, plan, settings))
+    return outcomes
 
 
 def _extract_slice(data: bytes, sha: str, plan: SeriesPlan, position: float, index: int, series_uid: str,
@@ -132,7 +137,11 @@ def _extract_slice(data: bytes, sha: str, plan: SeriesPlan, position: float, ind
     if pixels is None:
         reject(sha, "unsupported_pixels", "multi-frame or colour image; only single-frame grey slices are used")
         return None
-    result = deidentify(ds, key, max_shift_days=settings.deid.date_shift_max_days)
+    try:
+        result = deidentify(ds, key, max_shift_days=settings.deid.date_shift_max_days)
+    except DeidError as exc:  # its message names the element, never the value
+        reject(sha, "deid_failed", f"{exc} The file is kept out: it cannot be de-identified safely.")
+        return None
     return _image_record(plan, result, pixels, index, position, sha, series_uid)
 
 
@@ -257,12 +266,15 @@ class IngestSummary:
     quarantine_reasons: dict[str, int]
     mask_files: int = 0
     series_reused: int = 0  # identical to a series of an earlier drop: copied, not extracted again
+    reports_encoding: str = ""  # how reports.csv was decoded: declared in drop.yaml, or detected
 
     def line(self) -> str:
         reasons = ", ".join(f"{n} {r}" for r, n in sorted(self.quarantine_reasons.items()))
         return (f"ingest {self.drop_id}: {self.files_in} files in = {self.slices} slices + "
                 f"{self.files_quarantined} quarantined; {self.series} series; reports {self.reports}/"
-                f"{self.reports_in} ok" + (f" (quarantine: {reasons})" if reasons else "")
+                f"{self.reports_in} ok" + (f" (reports.csv read as {self.reports_encoding})"
+                                           if self.reports_encoding else "")
+                + (f" (quarantine: {reasons})" if reasons else "")
                 + (f"; {self.mask_files} mask files for the imported backend" if self.mask_files else "")
                 + (f"; {self.series_reused} series copied from earlier drops" if self.series_reused else ""))
 
@@ -284,6 +296,7 @@ def finish_ingest(plan: DropPlan, outcomes: Sequence[SeriesOutcome], reports: Se
         reports_quarantined=reports_quarantined,
         quarantine_reasons=dict(Counter(q.reason for q in quarantine)),
         mask_files=plan.mask_files, series_reused=sum(1 for o in outcomes if o.reused),
+        reports_encoding=plan.reports_encoding,
     )
     store = open_store(settings)
     prefix = stage_prefix(plan.drop_id)

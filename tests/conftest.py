@@ -162,9 +162,10 @@ def run_ingest():
     def run(location: str, settings):
         reader = discover.DropReader(location, settings)
         scanned = discover.scan_files(reader, discover.image_candidates(reader.list_files(), settings)[0])
-        drop_id = discover.drop_id_for(discover.read_drop_info(reader), [s.sha256 for s in scanned])
-        reports, bad = discover.read_reports(reader, drop_id)
-        plan = discover.plan_drop(drop_id, scanned, reports, bad, settings)
+        info = discover.read_drop_info(reader)
+        drop_id = discover.drop_id_for(info, [s.sha256 for s in scanned])
+        reports = discover.read_reports(reader, drop_id, info.encoding if info else None)
+        plan = discover.plan_drop(drop_id, scanned, reports, settings)
         outcomes = ingest.ingest_shard(location, plan.series, settings)
         records = ingest.ingest_reports(plan.reports, drop_id, settings)
         summary = ingest.finish_ingest(plan, outcomes, records, settings)
