@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
@@ -402,8 +403,12 @@ def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Se
         return settings_cls(**overrides)
     except ValidationError as exc:
         raise ConfigError(_describe_validation_error(exc, config_file)) from None
-    except (ValueError, TypeError) as exc:  # YAML parse errors and the like
-        raise ConfigError(f"config file {config_file}: cannot be read as YAML settings ({exc}).") from None
+    except (ValueError, TypeError, yaml.YAMLError) as exc:  # YAML parse errors and the like
+        # Not the library's text: a YAML error quotes the line around it, which may hold a secret.
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"config file {config_file}: cannot be read as YAML settings ({type(exc).__name__}"
+                          f"{where}). Fix the YAML syntax there.") from None
 
 
 def _describe_validation_error(exc: ValidationError, config_file: Path | str | None) -> str:

@@ -121,3 +121,13 @@ def test_stage_hash_follows_only_the_settings_a_stage_reads(tmp_path):
 def test_split_shares_must_sum_to_one():
     with pytest.raises(ConfigError, match=r"version = .*sum to 1 \(they sum to 1.1\)"):
         load_settings(version={"train": 0.8, "val": 0.2, "test": 0.1})
+
+
+def test_a_broken_yaml_file_is_named_with_line_and_column_but_not_quoted(tmp_path):
+    # PyYAML's own message quotes the lines around the error, which here hold the key.
+    config = tmp_path / "radground.yaml"
+    config.write_text('deid:\n  key: "k3y-SECRET-4711\n  date_shift_max_days: [\n', encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"cannot be read as YAML settings \(\w+Error at line \d+, column \d+\)"
+                                          r"\. Fix the YAML syntax there\.") as err:
+        load_settings(config)
+    assert "SECRET" not in str(err.value)
