@@ -15,7 +15,8 @@ venv:  ## create or update .venv (idempotent; seconds when up to date)
 demo: venv  ## run the main job on the embedded default and print where its output is
 	$(BIN)/radground demo
 
-test: venv  ## the whole test suite (what CI runs)
+test: venv  ## the whole test suite (what CI runs); installs the Debian packages tests need (chromium) when missing
+	@scripts/ensure-test-packages.sh
 	$(BIN)/python -m pytest
 
 test-fast: venv  ## the inner loop: skips tests marked slow or integration

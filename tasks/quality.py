@@ -7,6 +7,11 @@ COMPLETE and a private row-number column among `unexpected_index_column_names`, 
 failing rows per expectation and drop them. Row ids (the table's id column) go along as the
 quarantine `ref`. Rules that GX cannot express over one or two columns (bbox inside the image,
 answer among the choices, no PHI pattern) are derived boolean columns checked for True.
+
+GX runs on in-memory stores and writes nothing: its data docs load scripts and styles from public
+CDNs (hospitals run offline) and its stored COMPLETE results would hold row values. Each table's
+per-expectation outcome goes into its stats instead; tasks/quality_report.py renders those as one
+self-contained HTML page per drop and per version.
 """
 
 from __future__ import annotations
@@ -61,8 +66,7 @@ _DTYPES = {int: ["int64", "int32", "Int64", "Int32"], float: ["float64", "float3
 class QualityResult:
     passed: pa.Table | pd.DataFrame  # same type and columns as the input, failing rows removed
     failed: list[QuarantineRecord]
-    stats: dict
-    docs_index: Path | None = None
+    stats: dict  # JSON-able; "expectations": [{name, success, unexpected_count}] in suite order
 
 
 # ------------------------------------------------------------------------------------- suites
@@ -183,31 +187,30 @@ def _derive(df: pd.DataFrame, model: type[BaseModel]) -> pd.DataFrame:
 
 
 # -------------------------------------------------------------------------------------- GX
-def _context(docs_dir: Path):
-    """A GX context with no analytics, no progress bars, stores and data docs under `docs_dir`."""
+def _context():
+    """A GX context with no analytics, no progress bars, in-memory stores and no data docs sites."""
     import great_expectations as gx
     from great_expectations.data_context.types.base import (
         DataContextConfig,
-        FilesystemStoreBackendDefaults,
+        InMemoryStoreBackendDefaults,
         ProgressBarsConfig,
     )
 
     logging.getLogger("great_expectations").setLevel(logging.WARNING)
     config = DataContextConfig(
-        store_backend_defaults=FilesystemStoreBackendDefaults(root_directory=str(docs_dir / "gx")),
+        # in memory: a stored COMPLETE result would put row values (PHI) on disk
+        store_backend_defaults=InMemoryStoreBackendDefaults(),
         analytics_enabled=False,  # set on this context only; no GX_ANALYTICS_ENABLED env change leaks out
         progress_bars=ProgressBarsConfig(globally=False),
-        data_docs_sites={"local": {
-            "class_name": "SiteBuilder", "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)}}})
+        data_docs_sites={})  # GX's docs pull bootstrap/jQuery/vega from CDNs: tasks/quality_report.py instead
     return gx.get_context(mode="ephemeral", project_config=config)
 
 
-def _validate(df: pd.DataFrame, expectations: list, table_name: str, id_column: str, docs_dir: Path):
-    """Run the suite on `df` through a Checkpoint (COMPLETE results, data docs updated); its validation result."""
+def _validate(df: pd.DataFrame, expectations: list, table_name: str, id_column: str):
+    """Run the suite on `df` through a Checkpoint (COMPLETE results, no actions); its validation result."""
     import great_expectations as gx
 
-    ctx = _context(docs_dir)
+    ctx = _context()
     source = ctx.data_sources.add_or_update_pandas(name="radground")
     asset = (next((a for a in source.assets if a.name == table_name), None)
              or source.add_dataframe_asset(name=table_name))
@@ -218,19 +221,20 @@ def _validate(df: pd.DataFrame, expectations: list, table_name: str, id_column: 
     definition = ctx.validation_definitions.add_or_update(
         gx.ValidationDefinition(name=table_name, data=batch, suite=suite))
     checkpoint = ctx.checkpoints.add_or_update(gx.Checkpoint(
-        name=f"quality_{table_name}", validation_definitions=[definition],
-        actions=[gx.checkpoint.UpdateDataDocsAction(name="data_docs")],
+        name=f"quality_{table_name}", validation_definitions=[definition], actions=[],
         result_format={"result_format": "COMPLETE", "unexpected_index_column_names": [_ROW, id_column]}))
     result = checkpoint.run(batch_parameters={"dataframe": df})
     return next(iter(result.run_results.values()))
 
 
 # --------------------------------------------------------------------------------- the stage
-def check_table(name: str, table: pa.Table | pd.DataFrame, model: type[BaseModel], *, data_dir: Path | str,
-                drop_id: str) -> QualityResult:
-    """Validate one table against its suite; failing rows become QuarantineRecords, the rest pass."""
-    docs_dir = Path(data_dir).resolve() / "quality" / drop_id  # GX stores want absolute paths
-    docs_dir.mkdir(parents=True, exist_ok=True)
+def check_table(name: str, table: pa.Table | pd.DataFrame, model: type[BaseModel], *,
+                data_dir: Path | str | None = None, drop_id: str) -> QualityResult:
+    """Validate one table against its suite; failing rows become QuarantineRecords, the rest pass.
+
+    Writes nothing: ``data_dir`` is accepted for existing callers and unused (GX's data docs used to
+    go there). The stats carry every expectation's outcome for tasks/quality_report.py.
+    """
     id_column = ID_COLUMN.get(model, next(iter(model.model_fields)))
     df = table.to_pandas() if isinstance(table, pa.Table) else table.copy()
     df = df.reset_index(drop=True)
@@ -243,13 +247,17 @@ def check_table(name: str, table: pa.Table | pd.DataFrame, model: type[BaseModel
 
     suite = suite_for(model, name)
     order = {expectation_name(e): k for k, e in enumerate(suite)}  # GX reorders results; reasons follow the suite
-    validation = _validate(df, suite, name, id_column, docs_dir)
+    validation = _validate(df, suite, name, id_column)
     reasons: dict[int, list[str]] = {}
     table_failures: list[str] = []
+    outcomes: list[dict] = []
     for r in validation.results:
+        reason = expectation_name(r.expectation_config)
+        count = (r.result or {}).get("unexpected_count")  # None for table-level expectations and errors
+        outcomes.append({"name": reason, "success": bool(r.success), "unexpected_count": None if count is None
+                         else int(count)})
         if r.success:
             continue
-        reason = expectation_name(r.expectation_config)
         rows = (r.result or {}).get("unexpected_index_list")
         if rows is None:  # a table-level failure (missing column, wrong dtype, error): every row fails
             table_failures.append(reason)
@@ -260,6 +268,7 @@ def check_table(name: str, table: pa.Table | pd.DataFrame, model: type[BaseModel
     for why in reasons.values():
         why.sort(key=lambda reason: order.get(reason, len(order)))
     table_failures.sort(key=lambda reason: order.get(reason, len(order)))
+    outcomes.sort(key=lambda outcome: order.get(outcome["name"], len(order)))
     ids = df[id_column].tolist()
     failed = [QuarantineRecord(
         drop_id=drop_id, stage="quality", item="row", reason=why[0], source_sha256=None,
@@ -271,14 +280,13 @@ def check_table(name: str, table: pa.Table | pd.DataFrame, model: type[BaseModel
     stats = {"table": name, "rows": n, "passed": len(keep), "quarantined": len(failed),
              "quarantine_rate": len(failed) / n if n else 0.0,
              "by_reason": dict(Counter(reason for why in reasons.values() for reason in why)),
-             "table_failures": table_failures}
+             "table_failures": table_failures, "expectations": outcomes}
     if model is GroundingRecord:
         stats["grounded_slices"] = len({ids[i] for i in keep})
     elif model is SliceRecord and "grounded" in df:
         stats["grounded_slices"] = int(sum(bool(df["grounded"][i]) for i in keep))
-    index = docs_dir / "index.html"
     log.info("quality %s: %d/%d rows passed, %d quarantined %s", name, len(keep), n, len(failed), stats["by_reason"])
-    return QualityResult(passed=passed, failed=failed, stats=stats, docs_index=index if index.exists() else None)
+    return QualityResult(passed=passed, failed=failed, stats=stats)
 
 
 def check_gates(stats_by_table: dict[str, dict], gates: QualitySettings | None = None) -> None:
@@ -290,11 +298,14 @@ def check_gates(stats_by_table: dict[str, dict], gates: QualitySettings | None =
             raise QualityGateError(
                 f"gate max_quarantine_rate: {rate:.1%} of {stats['rows']} rows quarantined in table {name} "
                 f"(limit {gates.max_quarantine_rate:.1%}); reasons {stats.get('by_reason', {})}. "
-                f"See the quarantine table and the data docs, fix the input, or raise the limit.")
+                f"See the quarantine table and the quality report, fix the input, or raise the limit.")
     grounded = [s["grounded_slices"] for s in stats_by_table.values() if "grounded_slices" in s]
     count = max(grounded, default=0)
     if count < gates.min_grounded_slices:
+        rows = {name: f"{s.get('passed', '?')}/{s['rows']}" for name, s in sorted(stats_by_table.items())}
         raise QualityGateError(
-            f"gate min_grounded_slices: {count} grounded slices after quality checks "
-            f"(tables {sorted(stats_by_table)}; need >= {gates.min_grounded_slices}). Check that the "
-            f"grounding table was passed and that segmentation found the classes the reports mention.")
+            f"gate min_grounded_slices: {count} grounded slices after quality checks (need >= "
+            f"{gates.min_grounded_slices}); rows passed per table {rows}. A slice is grounded when its study has a "
+            "report that names a structure segmentation found on it: check the drop's ingest summary for "
+            "quarantined reports (orphan_report, invalid_report_row) and its segment summary, fix the input, or set "
+            "quality.min_grounded_slices=0 to version the drop without grounding.")

@@ -37,6 +37,7 @@ from radground.settings import Settings
 from radground.store import ObjectStore, open_store
 from radground.tables import read_table, to_arrow
 from tasks.quality import check_gates, check_table
+from tasks.quality_report import REPORT_FILE, render_report, write_report
 from tasks.version import (
     ReusedShard,
     VersionError,
@@ -142,6 +143,7 @@ def _check_into(store: ObjectStore, drop_id: str, settings: Settings, folder: Pa
     for stale in folder.parent.glob(".building-*"):  # left by a killed rebuild (the rebuild lock is held)
         shutil.rmtree(stale, ignore_errors=True)
     building = folder.with_name(f".building-{folder.name}-{os.getpid()}")
+    building.mkdir(parents=True)  # here, not by the first shard: a drop may have no rows in any table
     target = int(settings.version.shard_target_mb * 2**20)
     stats, shards, rejected, docs = {}, {}, [], None
     for name, table in _gather(store, drop_id).items():
@@ -149,12 +151,13 @@ def _check_into(store: ObjectStore, drop_id: str, settings: Settings, folder: Pa
         result = check_table(name, table, TABLES[name], data_dir=settings.data_dir, drop_id=drop_id)
         stats[name] = result.stats | {"repeats_merged": repeats}
         rejected += result.failed
-        docs = str(result.docs_index) if result.docs_index else docs
         shards[name] = [e.model_dump() for e in write_shards(result.passed, building, name, target)]
     stage_quarantine = _concat(store, [f"{s}/{drop_id}/quarantine.parquet" for s in ("ingest", "curate", "segment")],
                                QuarantineRecord)
     quarantine = pa.concat_tables([stage_quarantine, to_arrow(rejected, QuarantineRecord)])
     pq.write_table(quarantine, building / "quarantine.parquet")
+    write_report(building / REPORT_FILE, render_report({drop_id: stats}))  # renamed with the folder below
+    docs = str(folder / REPORT_FILE)
     (building / "result.json").write_text(json.dumps({"shards": shards, "stats": stats, "docs": docs}, indent=1))
     folder.parent.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(folder, ignore_errors=True)
@@ -301,6 +304,8 @@ def publish(build_drops: Sequence[str], settings: Settings, stage_counts: Mappin
         settings_hash=settings.content_hash(), quarantine_counts=dict(Counter(quarantine.column("reason").to_pylist())),
         splits=splits, shard_target_bytes=int(settings.version.shard_target_mb * 2**20))
     version_dir = root / manifest.digest[:16]
+    write_report(building / REPORT_FILE, render_report({d.drop_id: d.stats for d in checked}, digest=manifest.digest,
+                                                       quarantine_counts=manifest.quarantine_counts))
     if version_dir.exists():  # same inputs and settings: the same version, already there
         shutil.rmtree(building)
         manifest = read_manifest(version_dir)
@@ -312,7 +317,8 @@ def publish(build_drops: Sequence[str], settings: Settings, stage_counts: Mappin
                "objects": sum(len(e.shards) for e in manifest.tables.values()) + 2,
                "quality_quarantined": sum(s["quarantined"] for s in stats.values()),
                "repeats_merged": {name: n for name, n in merged.items() if n},
-               "data_docs": next((d.docs for d in reversed(checked) if d.docs), None), "forgotten": len(forgotten)}
+               "data_docs": str(version_dir / REPORT_FILE) if (version_dir / REPORT_FILE).exists() else None,
+               "forgotten": len(forgotten)}
     recorded = settings.data_dir.resolve() / "state" / "recorded" / version_dir.name
     if recorded.exists():  # pushed and recorded by an earlier rebuild: nothing changed
         return summary | json.loads(recorded.read_text()) | {"unchanged": True}
@@ -322,7 +328,7 @@ def publish(build_drops: Sequence[str], settings: Settings, stage_counts: Mappin
     dvc.init()
     dvc.track(version_dir)
     pushed = dvc.push()
-    docs = [Path(summary["data_docs"]).parent] if summary["data_docs"] else []
+    docs = [Path(summary["data_docs"])] if summary["data_docs"] else []  # the version's quality report
     run_id = record_build(settings, manifest=manifest.model_dump(mode="json"), drops=drops,
                           stage_counts=dict(stage_counts), stage_seconds=dict(stage_seconds),
                           artifacts=[version_dir / "manifest.json", *docs], version_uri=version_dir)
@@ -347,7 +353,7 @@ def summary_line(summary: dict) -> str:
     return (f"version {summary['digest'][:16]} ({state}{len(summary['drops'])} drop(s); {rows}; "
             f"{summary['quality_quarantined']} rows failed quality"
             + (f", {merged} re-delivered rows merged" if merged else "") + ") "
-            f"in {summary['version_dir']}; MLflow run {summary['mlflow_run']}; data docs {summary['data_docs']}")
+            f"in {summary['version_dir']}; MLflow run {summary['mlflow_run']}; quality report {summary['data_docs']}")
 
 
 def forget(settings: Settings, pseudonym: str) -> dict:

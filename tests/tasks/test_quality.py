@@ -83,8 +83,14 @@ def test_images_duplicates_and_bad_geometry_are_quarantined(tmp_path):
                        ("2.25.10", "expect_column_values_to_be_unique:image_id")]
     assert all(q.stage == "quality" and q.item == "row" and q.drop_id == DROP for q in result.failed)
     assert result.stats["rows"] == 5 and result.stats["quarantined"] == 4
-    assert result.docs_index == tmp_path / "quality" / DROP / "index.html"
-    assert result.docs_index.is_file()
+    outcomes = {e["name"]: (e["success"], e["unexpected_count"]) for e in result.stats["expectations"]}
+    assert len(result.stats["expectations"]) == len(suite_for(ImageRecord, "images"))
+    assert outcomes["expect_column_values_to_be_unique:image_id"] == (False, 2)  # both copies of 2.25.10
+    assert outcomes["expect_column_values_to_be_between:rows"] == (False, 1)
+    assert outcomes["expect_column_values_to_be_in_set:modality"] == (False, 1)
+    assert outcomes["expect_column_values_to_not_be_null:image_id"] == (True, 0)
+    assert outcomes["expect_column_to_exist:image_id"] == (True, None)  # table-level: no row count
+    assert list(tmp_path.iterdir()) == []  # GX runs in memory: no data docs, no stored results with row values
 
 
 def test_grounding_bbox_area_and_class_rules(tmp_path):
@@ -148,7 +154,9 @@ def test_quarantine_rate_gate_names_the_numbers():
 
 
 def test_zero_grounded_slices_gate():
-    with pytest.raises(QualityGateError, match=r"gate min_grounded_slices: 0 grounded slices .* need >= 1"):
+    with pytest.raises(QualityGateError, match=r"gate min_grounded_slices: 0 grounded slices after quality checks "
+                                               r"\(need >= 1\); rows passed per table .*"
+                                               r"set quality\.min_grounded_slices=0"):
         check_gates({"grounding": {"rows": 0, "quarantine_rate": 0.0, "grounded_slices": 0}})
 
 
