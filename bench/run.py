@@ -24,6 +24,7 @@ from lineage import bench_lineage  # noqa: E402
 from llm import bench_llm  # noqa: E402
 from rebuild import bench_rebuild  # noqa: E402
 from sam import bench_sam  # noqa: E402
+from scrub_eval import bench_scrub_eval  # noqa: E402
 from segment import bench_classical  # noqa: E402
 from synth import bench_synth  # noqa: E402
 
@@ -46,6 +47,7 @@ def _machine() -> dict:
 BENCHMARKS: dict[str, Callable[[], dict]] = {
     "synth": bench_synth, "ingest": bench_ingest, "lexicon": bench_lexicon, "llm": bench_llm,
     "classical": bench_classical, "sam": bench_sam, "lineage": bench_lineage, "rebuild": bench_rebuild,
+    "scrub_eval": bench_scrub_eval,
 }
 
 

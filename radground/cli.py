@@ -78,8 +78,12 @@ def main_options(
     """radground: spatially grounded radiology datasets without manual annotation."""
     state.config_file = config
     state.debug = debug
-    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    level = logging.DEBUG if debug else logging.WARNING
+    terminal = logging.StreamHandler()
+    # At the handler too: libraries that set their loggers to INFO (Prefect's run logger, DVC)
+    # propagate those records past the root logger's level.
+    terminal.setLevel(level)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", handlers=[terminal])
 
 
 @app.command()
@@ -146,6 +150,7 @@ def rebuild(
     127.0.0.1 and a local Ray with ray.num_cpus CPUs), or on prefect.api_url / ray.address.
     """
     from flows.rebuild import run_rebuild  # Prefect and Ray load only when needed
+    from radground.runtime import libraries_off_the_terminal
 
     settings = state.settings
     if overlays is not None:
@@ -158,7 +163,8 @@ def rebuild(
         def follow(stage: str, done: int, total: int) -> None:
             progress.update(bar, description=stage, completed=done, total=total)
 
-        with progress_hook(follow):
+        # Prefect's, Ray's, DVC's and MLflow's own lines go to data_dir/logs, not this terminal.
+        with progress_hook(follow), libraries_off_the_terminal(settings) as library_log:
             summaries = run_rebuild(drops or [], settings)
     from tasks.curate.stage import summary_line as curate_line
     from tasks.ground_stage import summary_line as ground_line
@@ -175,6 +181,7 @@ def rebuild(
         out.print(version_line(summaries[0].version))
     store = settings.store_root.resolve() if settings.storage.backend == "local" else settings.storage.bucket
     out.print(f"stage outputs: {store} (prefixes ingest/, curate/, segment/, ground/ + <drop_id>/)")
+    out.print(f"library logs (Prefect, Ray, DVC, MLflow): {library_log}")
 
 
 @app.command()
@@ -239,7 +246,8 @@ def demo(
 
     Writes under data_dir (default ./.radground). Stages: synth, then rebuild: ingest, curate,
     segment (classical), ground (with 4 overlay PNGs to look at), quality + version (DVC,
-    MLflow). Run it again and the rebuild finds nothing changed: same version, no work.
+    MLflow). Run it again and the rebuild finds nothing changed: same version, no work. What
+    the libraries log goes to data_dir/logs/libraries.log, not to the terminal.
     """
     data_dir = state.settings.data_dir.resolve()
     drop_dir = data_dir / "drops" / "demo"

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from radground.errors import RadgroundError
+from radground.runtime import library_logs_to
 from radground.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -22,6 +23,9 @@ logger = logging.getLogger(__name__)
 DVC_REMOTE_NAME = "radground"
 DVC_S3_PREFIX = "dvc"  # the DVC remote's folder inside storage.bucket/storage.prefix
 MANIFEST_FILE = "manifest.json"
+DVC_LOGGERS = ("dvc", "dvc_data", "dvc_objects")
+# DVC draws its progress bars (tqdm, on stderr) only while these loggers let ERROR through.
+_DVC_PROGRESS_LOGGERS = ("dvc.progress", "dvc_data.callbacks")
 
 
 class DvcError(RadgroundError):
@@ -59,14 +63,38 @@ class DvcRepo:
         from dvc.exceptions import NotDvcRepoError
         from dvc.repo import Repo
 
+        with self._output_to_log():
+            try:
+                repo = Repo(str(self.root))
+            except NotDvcRepoError:
+                raise DvcError(f"{self.root} is not a DVC repository. Call DvcRepo.init() first.") from None
+            try:
+                yield repo
+            finally:
+                repo.close()
+
+    @contextlib.contextmanager
+    def _output_to_log(self) -> Iterator[None]:
+        """Keep DVC off the terminal: its log (with "Initialized DVC repository.", which its own
+        handler prints to stdout) to ``<data_dir>/logs/libraries.log``, no progress bars or spinners."""
+        from dvc.ui import ui  # importing dvc installs its terminal handlers: route after it
+
+        progress = [logging.getLogger(name) for name in _DVC_PROGRESS_LOGGERS]
+        levels = [log.level for log in progress]
+        for log in progress:
+            log.setLevel(logging.CRITICAL)
+        # `dvc add` shows a rich spinner on stderr whatever the log level; this instance
+        # attribute hides the method for the block (DVC's API offers no switch for it).
+        ui.status = _no_status
         try:
-            repo = Repo(str(self.root))
-        except NotDvcRepoError:
-            raise DvcError(f"{self.root} is not a DVC repository. Call DvcRepo.init() first.") from None
-        try:
-            yield repo
+            # propagate: DVC's warnings and errors (why a transfer failed: endpoint, content hash)
+            # also reach the root logger, for the callers' log handlers and the CLI's WARNING level.
+            with library_logs_to(self.settings.data_dir, *DVC_LOGGERS, propagate=True):
+                yield
         finally:
-            repo.close()
+            vars(ui).pop("status", None)
+            for log, level in zip(progress, levels, strict=True):
+                log.setLevel(level)
 
     def init(self) -> None:
         """Create the DVC repo (no git) if missing, and (re)write its remote from the settings."""
@@ -76,7 +104,8 @@ class DvcRepo:
         try:
             if not (self.root / ".dvc").is_dir():
                 self.root.mkdir(parents=True, exist_ok=True)
-                Repo.init(str(self.root), no_scm=True).close()
+                with self._output_to_log():
+                    Repo.init(str(self.root), no_scm=True).close()
             with self._repo() as repo:
                 self._configure(repo)
         except DvcException as exc:
@@ -190,6 +219,15 @@ class DvcRepo:
                 else "Check that the remote folder exists and is readable/writable")
         what = _one_line(exc) if isinstance(exc, DvcException) else f"{type(exc).__name__}: {_one_line(exc)}"
         return f"dvc {op} with remote {self.describe_remote()} failed: {what}. {hint}, then retry."
+
+
+class _NoStatus:
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+def _no_status(*args: Any, **kwargs: Any) -> contextlib.nullcontext[_NoStatus]:
+    return contextlib.nullcontext(_NoStatus())
 
 
 def _one_line(exc: BaseException) -> str:

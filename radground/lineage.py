@@ -21,6 +21,7 @@ name and the input tag ``radground.version_digest`` carry the full digest.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -42,6 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 import radground
 from radground.errors import RadgroundError
+from radground.runtime import library_logs_to
 from radground.schemas import arrow_schema
 
 if TYPE_CHECKING:
@@ -53,6 +55,7 @@ logger = logging.getLogger(__name__)
 
 BUILD_CONTEXT = "build"  # the mlflow.data.context of a build run's input; training runs use "training"
 VERSION_TAG = "radground.version_digest"
+MLFLOW_LOGGERS = ("mlflow", "alembic", "sqlalchemy.engine", "huey")  # each with MLflow's stderr handler
 MLFLOW_DIGEST_MAX = 36  # mlflow.utils.validation.MAX_DATASET_DIGEST_SIZE
 PSEUDONYM_PATTERN = re.compile(r"P[0-9A-F]{20}")  # tasks.deid.patient_pseudonym's format
 _PARAM_VALUE_MAX = 6000  # MLflow's param value limit
@@ -105,6 +108,22 @@ def _mlflow():
     return mlflow
 
 
+def _mlflow_logs_to_data_dir(fn):
+    """Run ``fn(settings, ...)`` with MLflow's log in ``<data_dir>/logs/libraries.log``, not on the terminal.
+
+    Opening the embedded SQLite store creates or migrates its tables, and MLflow announces that
+    (with alembic, for migrations) through the stderr handler it installs on import.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(settings: Settings, *args: Any, **kwargs: Any) -> Any:
+        _mlflow()  # its import installs the handlers: route after it
+        with library_logs_to(settings.data_dir, *MLFLOW_LOGGERS):
+            return fn(settings, *args, **kwargs)
+
+    return wrapper
+
+
 def tracking_uri(settings: Settings, override: str | None = None) -> str:
     """The MLflow tracking URI: ``override``, else ``mlflow.tracking_uri`` (a server), else the
     embedded SQLite database under data_dir."""
@@ -149,6 +168,7 @@ def mlflow_digest(version_digest: str) -> str:
 # --------------------------------------------------------------------------- build runs
 
 
+@_mlflow_logs_to_data_dir
 def record_build(
     settings: Settings,
     *,
@@ -447,6 +467,11 @@ def runs_using(settings: Settings, versions: Sequence[str], *, tracking_uri: str
     """
     if not versions:
         return []
+    return _search_runs(settings, versions, tracking_uri)
+
+
+@_mlflow_logs_to_data_dir
+def _search_runs(settings: Settings, versions: Sequence[str], tracking_uri: str | None) -> list[dict[str, str]]:
     from mlflow.entities import ViewType
 
     client = _client(settings, tracking_uri)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -43,6 +44,9 @@ def prefect_environment(settings: Settings, api_url: str) -> dict[str, str]:
         "PREFECT_UI_ENABLED": "false",
         "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "false",
         "PREFECT_LOGGING_LOG_PRINTS": "false",
+        # Prefect's SDK telemetry (a first-run notice on the terminal, events to the network)
+        # reads this standard switch; the server's analytics are the setting above.
+        "DO_NOT_TRACK": "1",
         "RAY_USAGE_STATS_ENABLED": "0",
         "RAY_DISABLE_DOCKER_CPU_WARNING": "1",
     }
@@ -167,8 +171,10 @@ def ray_init_kwargs(settings: Settings, env: dict[str, str]) -> dict:
     runtime_env = {"env_vars": env}
     if settings.ray.address:
         return {"runtime_env": runtime_env}  # the address goes to RayTaskRunner itself
+    # logging_level: the driver's "ray" logger keeps its warnings but not start-up INFO lines
+    # ("Started a local Ray instance."); its workers' output stays in Ray's session logs.
     return {"num_cpus": settings.ray.num_cpus, "include_dashboard": False, "runtime_env": runtime_env,
-            "log_to_driver": False}
+            "log_to_driver": False, "logging_level": logging.WARNING}
 
 
 # --------------------------------------------------------------------------- progress
@@ -190,3 +196,87 @@ def report_progress(stage: str, done: int, total: int) -> None:
     hook = _progress_hook.get()
     if hook is not None:
         hook(stage, done, total)
+
+
+# --------------------------------------------------------------------------- library output
+LIBRARY_LOG = Path("logs") / "libraries.log"  # under data_dir
+# The run's libraries that log to the terminal on their own: Prefect (run and engine logs) and
+# Ray (its driver-side logger). DVC and MLflow are routed where radground opens them
+# (radground/dvc.py, radground/lineage.py), after the import that installs their handlers.
+RUN_LIBRARY_LOGGERS = ("prefect", "prefect._internal", "prefect_ray", "ray", "great_expectations")
+
+
+@contextlib.contextmanager
+def library_logs_to(data_dir: Path, *names: str, propagate: bool = False) -> Iterator[Path]:
+    """Send these loggers' records to ``<data_dir>/logs/libraries.log`` instead of the terminal, for the block.
+
+    Each logger gets the file as its only handler (its own terminal handlers are set aside)
+    and, unless ``propagate``, stops passing records up to the root logger, where the CLI's
+    terminal handler shows WARNING and up. Levels stay. Import the library first: mlflow, dvc,
+    ray and prefect install their own handlers when imported, over what is set here. A logger
+    the library reconfigured during the block keeps that configuration afterwards.
+    """
+    path = Path(data_dir) / LIBRARY_LOG
+    path.parent.mkdir(parents=True, exist_ok=True)
+    formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    routed = []
+    for name in names:
+        target = logging.getLogger(name)
+        # One handler per logger: ray.init restyles every handler of the "ray" logger.
+        handler = logging.FileHandler(path, encoding="utf-8", delay=True)
+        handler.setFormatter(formatter)
+        routed.append((target, handler, target.handlers, target.propagate))
+        target.handlers = [handler]
+        target.propagate = propagate and target.propagate
+    try:
+        yield path
+    finally:
+        for target, handler, saved_handlers, saved_propagate in routed:
+            if target.handlers == [handler]:
+                target.handlers, target.propagate = saved_handlers, saved_propagate
+            else:
+                target.removeHandler(handler)
+            handler.close()
+
+
+def embedded_ray_environment(settings: Settings) -> dict[str, str]:
+    """Environment to start the local Ray in: token authentication, the token under ``<data_dir>/ray``.
+
+    With RAY_AUTH_MODE unset, Ray 2.60 turns token authentication on for a new local cluster,
+    says so on the terminal and writes the token to ~/.ray/auth_token. Here the mode is explicit
+    (no message) and the token a file under data_dir (created once, mode 0600); authentication
+    stays on, as it guards the cluster's ports. Ray's own processes and workers inherit this
+    environment from the process that calls ray.init. Empty with ray.address: an existing
+    cluster brings its own authentication.
+    """
+    if settings.ray.address:
+        return {}
+    path = (settings.data_dir / "ray" / "auth_token").resolve()
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):  # a concurrent start wrote it first
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w", encoding="ascii") as handle:
+                handle.write(secrets.token_hex(32))  # 256 bits, as Ray's own generator
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(path)}
+
+
+@contextlib.contextmanager
+def libraries_off_the_terminal(settings: Settings) -> Iterator[Path]:
+    """For a run on the embedded default: library output to ``<data_dir>/logs/libraries.log``, their
+    state under data_dir; yields the log's path.
+
+    Prefect reads PREFECT_HOME and DO_NOT_TRACK when imported (else it creates ~/.prefect and,
+    on a terminal, prints a telemetry notice); Ray its authentication when started
+    (:func:`embedded_ray_environment`). Both set up their loggers here, inside that environment
+    and before the loggers are routed: Ray on import, Prefect on first use.
+    """
+    data_dir = settings.data_dir.resolve()
+    env = {"PREFECT_HOME": str(data_dir / "prefect"), "DO_NOT_TRACK": "1", **embedded_ray_environment(settings)}
+    with temporary_environ(env):
+        import ray  # noqa: F401
+        from prefect.logging.configuration import ensure_logging_setup
+
+        ensure_logging_setup()
+        with library_logs_to(data_dir, *RUN_LIBRARY_LOGGERS) as path:
+            yield path

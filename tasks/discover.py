@@ -336,8 +336,11 @@ def _delimiter(text: str, location: str) -> str:
             return delimiter
     # Name only the expected columns found or missing: a file without a header row would
     # otherwise put its first record (a patient ID, report text) into this message.
-    best = max(DELIMITERS, key=lambda d: len(expected & {n.strip() for n in next(csv.reader([header], delimiter=d), [])}))
-    fields = [n.strip() for n in next(csv.reader([header], delimiter=best), [])]
+    def split(delimiter: str) -> list[str]:
+        return [n.strip() for n in next(csv.reader([header], delimiter=delimiter), [])]
+
+    best = max(DELIMITERS, key=lambda d: len(expected & set(split(d))))
+    fields = split(best)
     found = [n for n in fields if n in expected]
     missing = [n for n in REPORT_COLUMNS if n not in found]
     unknown = len(fields) - len(found)

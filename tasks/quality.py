@@ -50,7 +50,7 @@ ID_COLUMN: dict[type[BaseModel], str] = {
     ImageRecord: "image_id", ReportRecord: "study_uid", VQARecord: "vqa_id", GroundingRecord: "image_id",
     MaskRecord: "image_id", SliceRecord: "image_id", QuarantineRecord: "ref"}
 UNIQUE_COLUMNS: dict[type[BaseModel], tuple[str, ...]] = {ImageRecord: ("image_id",), VQARecord: ("vqa_id",)}
-PHI_CATEGORIES = frozenset({"name", "phone", "email", "id"})  # dates are shifted, not PHI once shifted
+PHI_CATEGORIES = frozenset({"name", "phone", "email", "id", "address"})  # dates are shifted, not PHI once shifted
 _ROW = "__quality_row"  # private row number: GX reports it back for every failing row
 
 # Derived boolean columns (computed by _derive, checked for True by the suite).

@@ -3,7 +3,9 @@
 Values from the study's DICOM headers are removed in every spelling a report uses; people who
 are not in the headers (signing radiologist, referring physician) are found by the titles,
 labels and suffixes that introduce them; dates are shifted per patient or masked; phones,
-e-mails and long ID-like digit runs go by pattern. Everything else stays byte for byte, so
+e-mails and long ID-like digit runs go by pattern. Names, addresses and ID-shaped tokens that no
+header knows (relatives, other patients, "Pat. Ämilie Wolfsgrübler", "KVNR-77aa310") are found
+by tasks/phi_text.py: name lists, cue words and shapes. Everything else stays byte for byte, so
 "2,2 x 1,8 cm", "LWK 5", "Segment IVa" and "Bild 45/120" survive.
 
 Decisions: month-year dates ("03/2024", "Februar 2024") count as dates (a month pins an event);
@@ -22,10 +24,11 @@ from dataclasses import dataclass
 from datetime import date, timedelta
 
 from radground.errors import DeidError
+from tasks import phi_text
 
 LANGUAGES = ("de", "en")
 PLACEHOLDERS = {"name": "[NAME]", "id": "[ID]", "date": "[DATE]", "phone": "[PHONE]",
-                "email": "[EMAIL]", "other": "[REDACTED]"}
+                "email": "[EMAIL]", "address": "[ADDRESS]", "other": "[REDACTED]"}
 
 
 @dataclass(frozen=True)
@@ -39,7 +42,7 @@ class KnownPHI:
 
 @dataclass(frozen=True)
 class Redaction:
-    category: str  # "name" | "id" | "date" | "phone" | "email" | "other"
+    category: str  # "name" | "id" | "date" | "phone" | "email" | "address" | "other"
     start: int  # offsets of the replacement in the SCRUBBED text
     end: int
 
@@ -70,15 +73,15 @@ _PARTICLES = ("von", "van", "de", "der", "den", "zu", "vom", "zum", "da", "di", 
 _STOP = (r"(?:Befund|Beurteilung|Radiologie|Radiology|Rückfragen|Tel|Telefon|Phone|Fax|Klinik|Klinikum|"
          r"Institut|Abteilung|Department|Station|Ihre?|Ihrem|Team|Mit|Und|And|The|Der|Die|Das|MD|FRCR|PhD|"
          r"DOB|MRN|PID|ID|Date|Datum|Patient|Patientin|Name|Kollegen?|Kollegin|Facharzt|Fachärztin|Oberarzt|"
-         r"Oberärztin|Assistenzarzt|Assistenzärztin|Chefarzt|Chefärztin|"
+         r"Oberärztin|Assistenzarzt|Assistenzärztin|Chefarzt|Chefärztin|Hausarzt|Hausärztin|GP|"
          # A title is never a name: "signed by: Dr. [NAME]" must leave "Dr" alone on a second pass.
          rf"Dr|Prof|Professor|Doktor|Herrn?|Frau|Mrs?|Ms|Miss|OA|OÄ|med|PD){_NO_LETTER_AFTER}")
 _FAMILY = rf"(?:(?:{'|'.join(_PARTICLES)})[ \t]+){{0,2}}{_WORD}"  # "de la Cruz"
 _NAME = (rf"(?!{_STOP})(?:{_WORD}[ \t]+{_INITIAL}[ \t]*{_FAMILY}|(?:{_INITIAL}[ \t]*){{1,2}}{_FAMILY}"
          rf"|{_WORD},[ \t]*{_INITIAL}|{_WORD}(?:[ \t](?!{_STOP}){_FAMILY})?)")  # "Smith, J.", "Karl Weber"
 # Titles are matched case-sensitively: "ca." is circa, "PD" alone is progressive disease.
-_TITLE = (r"(?:Prof\.|Professor|Dr\.|Doktor|PD(?=[ \t]+Dr)|Priv\.-Doz\.|OA|OÄ|Oberarzt|Oberärztin|Chefarzt|"
-          r"Chefärztin|Facharzt|Fachärztin|Assistenzarzt|Assistenzärztin|Kollegen?|Kollegin|Dipl\.-Med\.|"
+_TITLE = (rf"(?:Prof\.|Professor|Dr\.|(?:Dr|Prof)(?=[ \t]+{_UP})|Doktor|PD(?=[ \t]+Dr)|Priv\.-Doz\.|OA|OÄ"
+          r"|Oberarzt|Oberärztin|Chefarzt|Chefärztin|Facharzt|Fachärztin|Assistenzarzt|Assistenzärztin|Kollegen?|Kollegin|Dipl\.-Med\.|"
           r"Mrs?\.?|Ms\.?|Miss|Herrn?|Frau|Hr\.|Fr\.)")
 _DEGREE = r"(?:med\.|dent\.|rer\.[ \t]?nat\.|phil\.|univ\.|habil\.|h\.[ \t]?c\.)"
 _TITLES = rf"(?:{_NO_LETTER_BEFORE}{_TITLE}(?:[ \t]+|(?<=\.))(?:{_DEGREE}[ \t]*)*)+"
@@ -100,7 +103,9 @@ _PHONES = [  # (pattern, minimum digit count)
     (re.compile(rf"{_PHONE_LABEL}[ \t]*:?[ \t]*(?P<n>-?\+?[\d(][\d ()/.-]*\d)"), 3),
     (re.compile(r"(?<![\w+])\+\d{1,3}(?:[ \t./-]?\(0\))?(?:[ \t./-]?\d+)+"), 7),
     (re.compile(r"(?<![\w.,/])\(?0\d{2,5}\)?(?:[ \t]*[/-][ \t]*|[ \t]+)\d{2,}(?:[ \t-]\d{2,})*(?!\w)"), 7),
-    (re.compile(r"(?<!\w)(?:\(\d{3}\)[ \t]*|\d{3}[.-])\d{3}[ \t.-]\d{4}(?!\w)"), 10),
+    # US: "(555) 010-4477", "555.010.4477", "+1-555-010-4477x123" (an extension belongs to the number)
+    (re.compile(r"(?<![\w+])(?:(?:\+1|001)[ \t.-]?)?(?:\(\d{3}\)[ \t]*|\d{3}[.-])\d{3}[ \t.-]\d{4}"
+                r"(?:[ \t]*(?:x|ext\.?)[ \t]*\d{1,6})?(?!\w)"), 10),
 ]
 _EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
 _ID_RUN = re.compile(r"(?<![\w.,])[A-Za-z]{1,5}[-_/]?\d{6,}(?!\w)|(?<![\d.,])\d{6,}(?!\d)")  # KIS-123456
@@ -138,6 +143,7 @@ _DATES = [re.compile(p) for p in (
     rf"(?<![\w.-]){_Y4}-(?P<m>0[1-9]|1[0-2])(?!\w|-\d)",  # 2024-03
 )]
 _SLASH_DATE = _DATES[3]  # day-first or month-first is decided once per report
+_RANK = {"name": 5, "address": 3, "id": 6}  # ties of the header-free spans of tasks/phi_text.py
 
 
 def scrub_report(text: str, known: KnownPHI, *, date_offset_days: int | None, language: str) -> ScrubResult:
@@ -149,16 +155,26 @@ def scrub_report(text: str, known: KnownPHI, *, date_offset_days: int | None, la
                                          or not isinstance(date_offset_days, int)):
         raise DeidError(f"scrub_report: date_offset_days must be an int or None, got "
                         f"{type(date_offset_days).__name__}. Pass the patient's shift in days.")
-    spans = [*_known_spans(text, known), *_pattern_spans(text),
-             *_date_spans(text, date_offset_days, language)]
     out, redactions, pos, length = [], [], 0, 0  # length: of the scrubbed text written so far
-    for span in _resolve(spans):
+    for span in _find(text, known, date_offset_days, language):
         length += span.start - pos
         out += [text[pos:span.start], span.replacement]
         redactions.append(Redaction(span.category, length, length + len(span.replacement)))
         length, pos = length + len(span.replacement), span.end
     out.append(text[pos:])
     return ScrubResult("".join(out), tuple(redactions))
+
+
+def locate_phi(text: str, known: KnownPHI, *, language: str) -> list[tuple[int, int, str]]:
+    """(start, end, category) of each span scrub_report would replace, as offsets in ``text`` itself."""
+    if language not in LANGUAGES:
+        raise DeidError(f"locate_phi: language {language!r} is not supported; expected one of {LANGUAGES}.")
+    return [(s.start, s.end, s.category) for s in _find(text, known, None, language)]
+
+
+def _find(text: str, known: KnownPHI, offset: int | None, language: str) -> list[_Span]:
+    return _resolve([*_known_spans(text, known), *_pattern_spans(text, language),
+                     *_date_spans(text, offset, language)])
 
 
 def _resolve(spans: list[_Span]) -> list[_Span]:
@@ -281,7 +297,7 @@ def _known_spans(text: str, known: KnownPHI) -> Iterator[_Span]:
 
 
 # ---- PHI found by its shape -----------------------------------------------------------------------
-def _pattern_spans(text: str) -> Iterator[_Span]:
+def _pattern_spans(text: str, language: str) -> Iterator[_Span]:
     yield from _spans(_EMAIL, text, "email", 2)
     for pattern, min_digits in _PHONES:
         yield from _spans(pattern, text, "phone", 3, "n" if "n" in pattern.groupindex else 0, min_digits)
@@ -290,6 +306,8 @@ def _pattern_spans(text: str) -> Iterator[_Span]:
     yield from _spans(_UID, text, "id", 6)
     yield from _spans(_ID_RUN, text, "id", 6)
     yield from _spans(_ID_GROUPS, text, "id", 6, min_digits=7)  # "2024-02-03" is as long; date wins on rank
+    for found in phi_text.find_phi(text, language):  # no header needed: name lists, cues, shapes
+        yield _Span(found.start, found.end, found.category, PLACEHOLDERS[found.category], _RANK[found.category])
 
 
 # ---- dates ---------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from tasks.scrub import KnownPHI, scrub_report
 logger = logging.getLogger(__name__)
 STAGE = "curate"
 OTHER_LANGUAGE = {"de": "en", "en": "de"}
-_LEAK_CATEGORIES = {"name", "id", "other", "phone", "email"}  # dates were shifted, not removed
+_LEAK_CATEGORIES = {"name", "id", "other", "phone", "email", "address"}  # dates were shifted, not removed
 
 
 def keyword_backend(settings: Settings) -> KeywordExtractor:

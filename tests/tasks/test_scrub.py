@@ -301,3 +301,11 @@ def test_scrubbing_is_idempotent_so_rescans_of_produced_text_do_not_misfire(synt
                 once = scrub_report(row["report_text"], known, date_offset_days=None, language=row["language"])
                 twice = scrub_report(once.text, known, date_offset_days=None, language=row["language"])
                 assert [r.category for r in twice.redactions if r.category != "date"] == [], once.text
+
+
+def test_phi_no_header_names_is_removed_beside_the_known_values() -> None:
+    # tasks/phi_text.py finds what the header cannot know: a relative, her address, an insurance number
+    text = "Patient: Hans Müller. Tochter Anna Schmidt, Hauptstraße 12, 80331 München, KV-Nr. X123456789."
+    result = scrub_report(text, KNOWN_DE, date_offset_days=None, language="de")
+    assert result.text == "Patient: [NAME]. Tochter [NAME], [ADDRESS], [ADDRESS], KV-Nr. [ID]."
+    assert [r.category for r in result.redactions] == ["name", "name", "address", "address", "id"]

@@ -1,0 +1,67 @@
+"""`radground demo` keeps the terminal to radground's own lines; what the libraries say goes under data_dir.
+
+Runs the demo as a user does (a subprocess, stdout and stderr apart) with HOME pointed at an
+empty folder, so that anything a library writes to ~/.ray or ~/.prefect shows.
+"""
+
+import os
+import re
+import stat
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+# What Ray (token authentication), DVC, MLflow/alembic (database set-up), Prefect (run logs,
+# telemetry notice) printed before; compared case-insensitively.
+LIBRARY_NOISE = ("auth_token", "token authentication", "Initialized DVC", "alembic", "INFO  [", "Running upgrade",
+                 "database tables", "prefect.flow_runs", "Beginning flow run", "Started a local Ray instance",
+                 "anonymous usage data")
+# A log record on the terminal is radground's own: "LEVEL logger.name: message" from its packages.
+OWN_RECORD = re.compile(r"(DEBUG|INFO|WARNING|ERROR|CRITICAL) (radground|flows|tasks|models)(\.\w+)*: ")
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("quiet")
+    home, data_dir = root / "home", root / "data"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RADGROUND_")}
+    env.update(HOME=str(home), RADGROUND_DATA_DIR=str(data_dir))
+    # One patient: every library still runs (Prefect server, local Ray, DVC init/add/push, MLflow).
+    result = subprocess.run([sys.executable, "-m", "radground", "demo", "--patients", "1"], capture_output=True,
+                            text=True, env=env, cwd=root, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return result, home, data_dir
+
+
+def test_no_library_line_reaches_the_terminal(demo):
+    result, _, _ = demo
+    for stream, text in (("stdout", result.stdout), ("stderr", result.stderr)):
+        found = [needle for needle in LIBRARY_NOISE if needle.lower() in text.lower()]
+        assert not found, f"{stream} shows library output {found}:\n{text}"
+    strangers = [line for line in result.stderr.splitlines() if line.strip() and not OWN_RECORD.match(line)]
+    assert not strangers, "stderr lines that are not radground's own log records:\n" + "\n".join(strangers)
+
+
+def test_the_summary_is_still_printed_and_names_the_library_log(demo):
+    result, _, data_dir = demo
+    flat = " ".join(result.stdout.split())  # rich wraps long lines at the terminal width
+    assert "slices +" in flat and "quarantined" in flat  # the rebuild's ingest summary line
+    assert "version " in flat and "MLflow run" in flat  # the version summary line
+    log = data_dir / "logs" / "libraries.log"
+    assert str(log) in result.stdout.replace("\n", "")
+    text = log.read_text(encoding="utf-8")
+    # routed, not dropped
+    assert "Initialized DVC repository" in text and "prefect.flow_runs" in text and "mlflow" in text
+
+
+def test_nothing_is_written_to_home_and_the_ray_token_lives_under_data_dir(demo):
+    _, home, data_dir = demo
+    assert not (home / ".ray").exists(), sorted(p.name for p in home.iterdir())
+    assert not (home / ".prefect").exists(), sorted(p.name for p in home.iterdir())
+    token = data_dir / "ray" / "auth_token"
+    assert token.is_file() and len(token.read_text(encoding="ascii")) == 64
+    assert stat.S_IMODE(token.stat().st_mode) == 0o600
