@@ -149,7 +149,6 @@ def rebuild(
     Runs the Prefect flow rebuild_dataset on Ray: embedded by default (a Prefect API on
     127.0.0.1 and a local Ray with ray.num_cpus CPUs), or on prefect.api_url / ray.address.
     """
-    from flows.rebuild import run_rebuild  # Prefect and Ray load only when needed
     from radground.runtime import libraries_off_the_terminal
 
     settings = state.settings
@@ -165,6 +164,9 @@ def rebuild(
 
         # Prefect's, Ray's, DVC's and MLflow's own lines go to data_dir/logs, not this terminal.
         with progress_hook(follow), libraries_off_the_terminal(settings) as library_log:
+            # Imported here: Prefect creates its home on import, which must be data_dir's by then.
+            from flows.rebuild import run_rebuild
+
             summaries = run_rebuild(drops or [], settings)
     from tasks.curate.stage import summary_line as curate_line
     from tasks.ground_stage import summary_line as ground_line
