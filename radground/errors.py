@@ -5,7 +5,6 @@ found, what was expected and what to do — and never carries PHI or secrets.
 """
 
 import functools
-import hashlib
 
 
 class RadgroundError(Exception):
@@ -130,7 +129,3 @@ def guarded(what: str):
 
     return wrap
 
-
-def path_ref(path: str) -> str:
-    """A file named without its name (which may be a patient's): ``file#<12 hex of sha256(path)>``."""
-    return "file#" + hashlib.sha256(path.encode("utf-8", "surrogatepass")).hexdigest()[:12]

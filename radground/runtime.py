@@ -34,9 +34,14 @@ class RuntimeStartError(RadgroundError):
     """The embedded Prefect server did not come up."""
 
 
+def prefect_home(settings: Settings) -> Path:
+    """PREFECT_HOME of the embedded runtime: its database, server log and profiles, under data_dir."""
+    return (settings.data_dir / "prefect").resolve()
+
+
 def prefect_environment(settings: Settings, api_url: str) -> dict[str, str]:
     """Environment for this process, the server and every Ray worker."""
-    home = (settings.data_dir / "prefect").resolve()
+    home = prefect_home(settings)
     return {
         "PREFECT_HOME": str(home),
         "PREFECT_API_URL": api_url,
@@ -272,7 +277,7 @@ def libraries_off_the_terminal(settings: Settings) -> Iterator[Path]:
     and before the loggers are routed: Ray on import, Prefect on first use.
     """
     data_dir = settings.data_dir.resolve()
-    env = {"PREFECT_HOME": str(data_dir / "prefect"), "DO_NOT_TRACK": "1", **embedded_ray_environment(settings)}
+    env = {"PREFECT_HOME": str(prefect_home(settings)), "DO_NOT_TRACK": "1", **embedded_ray_environment(settings)}
     with temporary_environ(env):
         import ray  # noqa: F401
         from prefect.logging.configuration import ensure_logging_setup
