@@ -4,28 +4,31 @@ VENV := .venv
 BIN := $(VENV)/bin
 PYTEST_FAST := -m "not slow and not integration"
 
-.PHONY: venv demo test test-fast lint bench clean help
+.PHONY: venv demo test test-fast lint docs bench clean help
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+	@awk -F ':.*## ' '/^[a-z-]+:.*## / {printf "  %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
-venv:  ## create or update .venv (idempotent; seconds when up to date)
+venv:  ## create or update .venv (seconds when up to date; ~4 min when requirements.lock changed)
 	@scripts/ensure-venv.sh
 
-demo: venv  ## run the main job on the embedded default and print where its output is
+demo: venv  ## run the main job on the embedded default and print where its output is (~2-3 min)
 	$(BIN)/radground demo
 
-test: venv  ## the whole test suite (what CI runs); installs the Debian packages tests need (chromium) when missing
+test: venv  ## the whole test suite, what CI runs (~12 min on 2 cores from a clean clone, incl. ~4 min first venv); installs chromium when missing
 	@scripts/ensure-test-packages.sh
 	$(BIN)/python -m pytest
 
-test-fast: venv  ## the inner loop: skips tests marked slow or integration
+test-fast: venv  ## the inner loop: skips tests marked slow or integration (~2-3 min on 2 cores)
 	$(BIN)/python -m pytest $(PYTEST_FAST) -q
 
-lint: venv  ## ruff over the code
-	$(BIN)/ruff check radground tests bench
+lint: venv  ## ruff over the code (seconds)
+	$(BIN)/ruff check radground tasks flows tests bench
 
-bench: venv  ## the benchmarks under bench/ (by hand; results land in bench/results/)
+docs: venv  ## regenerate docs/settings.md and the table reference in docs/data-path.md from the code (seconds)
+	$(BIN)/python -m radground.reference_docs
+
+bench: venv  ## every benchmark under bench/, results in bench/results/ (~10-15 min on 2 cores, estimated)
 	$(BIN)/python bench/run.py
 
 clean:  ## remove .venv and the embedded data dir (the dependency cache stays)

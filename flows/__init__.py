@@ -1,1 +1,1 @@
-"""Prefect flows: compose tasks only (see ARCHITECTURE.md)."""
+"""Prefect flows: compose tasks only (see docs/architecture.md)."""

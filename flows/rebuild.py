@@ -13,7 +13,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import datetime
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -60,7 +61,7 @@ def _stage_task(fn, name: str):
 
 @dataclass(frozen=True)
 class DropResult:
-    """What one drop's rebuild produced: each stage's summary."""
+    """What one drop's rebuild produced: each stage's summary, and which stages were current."""
 
     ingest: ingest.IngestSummary
     curate: dict
@@ -68,6 +69,39 @@ class DropResult:
     ground: dict
     version: dict = field(default_factory=dict)  # the build's version (shared by its drops)
     cached: bool = False  # every stage was current: nothing ran for this drop
+    # stage -> {"finished_at", "key"} of its record, for the stages that did not run in this rebuild
+    current: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    def lines(self) -> list[str]:
+        """What to print for this drop: a stage that ran, its summary; a current one, that it is
+        current and since when (its old summary describes an earlier run, not this one)."""
+        drop_id = self.ingest.drop_id
+        ran = {"ingest": lambda: self.ingest.lines(), "curate": lambda: [curate.summary_line(self.curate)],
+               "segment": lambda: [segment.summary_line(self.segment)],
+               "ground": lambda: [ground.summary_line(self.ground)]}
+        lines = []
+        for stage in buildstate.STAGES:
+            record = self.current.get(stage)
+            if record is None:
+                lines.extend(ran[stage]())
+                continue
+            line = f"{stage} {drop_id}: current (built {_when(record['finished_at'])}, key {record['key'][:12]}…)"
+            if stage == "ground":
+                line += ground.overlays_note(self.ground)
+            lines.append(line)
+        return lines
+
+
+def _when(finished_at: str) -> str:
+    """A record's finish time in local time, to the minute."""
+    try:
+        return datetime.fromisoformat(finished_at).astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    except ValueError:
+        return finished_at or "at an unrecorded time"
+
+
+def _current(records: dict[str, buildstate.StageRecord]) -> dict[str, dict[str, str]]:
+    return {stage: {"finished_at": r.finished_at, "key": r.key} for stage, r in records.items()}
 
 
 scan_task = _stage_task(discover.scan_files, "scan")
@@ -104,6 +138,7 @@ def rebuild_dataset(drops: list[str], settings: Settings) -> list[DropResult]:
     counts = {"ingest": sum(r.ingest.files_in for r in summaries),
               "curate": sum(r.curate["sentences"] for r in summaries),
               "ground": sum(r.ground["grounded_pairs"] for r in summaries)}
+    report_progress("quality + version", 0, 0)  # one step of unknown length (checks, shards, DVC, MLflow)
     published = version.publish([r.ingest.drop_id for r in summaries], settings, counts,
                                 {"drops_total": sum(stage_seconds.values())})
     logger.info("%s, %.1f s", version.summary_line(published), time.perf_counter() - started)
@@ -159,7 +194,8 @@ def _build_drop(location: str, settings: Settings, registry: buildstate.DropRegi
     plan = None
     if "curate" not in fresh:  # ingest and curate need the drop's headers (curate: the PHI to re-check)
         batches = discover.split_evenly(paths, parts)
-        scanned = [item for future in scan_task.map(reader, batches) for item in future.result()]
+        scanned = [item for found in _follow("scan: files", scan_task.map(reader, batches), map(len, batches))
+                   for item in found]
         info = discover.read_drop_info(reader)
         drop_id = discover.drop_id_for(info, [s.sha256 for s in scanned])
         registry.remember(drop_id, location, fingerprint)
@@ -185,11 +221,8 @@ def _build_drop(location: str, settings: Settings, registry: buildstate.DropRegi
         shards = discover.shard_series(plan.series, parts)
         futures = [ingest_shard_task.submit(location, shard, settings) for shard in shards]
         reports_future = ingest_reports_task.submit(plan.reports, drop_id, settings)
-        outcomes: list[ingest.SeriesOutcome] = []
-        report_progress("ingest", 0, len(plan.series))
-        for future in as_completed(futures):
-            outcomes.extend(future.result())
-            report_progress("ingest", len(outcomes), len(plan.series))
+        outcomes: list[ingest.SeriesOutcome] = [
+            o for shard in _follow("ingest: series", futures, map(len, shards)) for o in shard]
         reports = reports_future.result()
         summary = ingest.finish_ingest(plan, outcomes, reports, settings)
         image_keys = sorted(o.shard_key for o in outcomes if o.shard_key)
@@ -206,9 +239,10 @@ def _build_drop(location: str, settings: Settings, registry: buildstate.DropRegi
         if reports is None:
             reports = ingest.read_reports(drop_id, settings)
         known = ingest.known_phi_by_study(plan.reports, settings)
+        batches = discover.split_evenly(reports, parts)
         curated = [curate_task.submit(batch, {r.study_uid: known[r.study_uid] for r in batch}, settings)
-                   for batch in discover.split_evenly(reports, parts)]
-        curate_outcomes = [f.result() for f in curated]
+                   for batch in batches]
+        curate_outcomes = _follow("curate: reports", curated, map(len, batches))
         curate_summary = curate.finish_curate(drop_id, curate_outcomes, settings)
         curated_reports = [r for o in curate_outcomes for r in o.reports]
         buildstate.write_record(store, "curate", drop_id, keys["curate"], curate_summary)
@@ -219,9 +253,9 @@ def _build_drop(location: str, settings: Settings, registry: buildstate.DropRegi
         segment_summary, handoff = fresh["segment"].summary, fresh["segment"].handoff
     else:
         buildstate.clear_stage(store, "segment", drop_id)
-        segmented = [segment_task.submit(location, drop_id, batch, settings)
-                     for batch in discover.split_evenly(image_keys, parts)]
-        series = [o for f in segmented for o in f.result()]
+        batches = discover.split_evenly(image_keys, parts)
+        segmented = [segment_task.submit(location, drop_id, batch, settings) for batch in batches]
+        series = [o for found in _follow("segment: series", segmented, map(len, batches)) for o in found]
         segment_summary = segment.summarise(drop_id, series, settings)
         handoff = segment.handoff(series)
         buildstate.write_record(store, "segment", drop_id, keys["segment"], segment_summary, handoff)
@@ -234,18 +268,35 @@ def _build_drop(location: str, settings: Settings, registry: buildstate.DropRegi
         buildstate.clear_stage(store, "ground", drop_id)
         if curated_reports is None:
             curated_reports = curate.read_curated(drop_id, settings)
+        batches = discover.split_evenly(curated_reports, parts)
         grounded = [ground_task.submit(batch, handoff["mask_keys"], handoff["modalities"],
                                        handoff["study_images"], settings)
-                    for batch in discover.split_evenly(curated_reports, parts)]
-        ground_summary = ground.finish_ground(drop_id, [f.result() for f in grounded], image_keys, settings)
+                    for batch in batches]
+        ground_summary = ground.finish_ground(drop_id, _follow("ground: reports", grounded, map(len, batches)),
+                                              image_keys, settings)
         buildstate.write_record(store, "ground", drop_id, keys["ground"], ground_summary)
         logger.info("%s, %.1f s", ground.summary_line(ground_summary), time.perf_counter() - started)
-    return DropResult(ingest=summary, curate=curate_summary, segment=segment_summary, ground=ground_summary)
+    return DropResult(ingest=summary, curate=curate_summary, segment=segment_summary, ground=ground_summary,
+                      current=_current(fresh))
+
+
+def _follow(stage: str, futures, sizes) -> list:
+    """The futures' results in submission order, reporting ``stage`` progress as each completes
+    (``sizes``: the items each future works on, so the bar counts series or reports, not tasks)."""
+    futures, sizes = list(futures), list(sizes)
+    total, done = sum(sizes), 0
+    size_of = {id(f): n for f, n in zip(futures, sizes, strict=True)}
+    report_progress(stage, 0, total)
+    for future in as_completed(futures):
+        done += size_of[id(future)]
+        report_progress(stage, done, total)
+    return [f.result() for f in futures]
 
 
 def _cached_result(records: dict[str, buildstate.StageRecord]) -> DropResult:
     return DropResult(ingest=ingest.IngestSummary(**records["ingest"].summary), curate=records["curate"].summary,
-                      segment=records["segment"].summary, ground=records["ground"].summary, cached=True)
+                      segment=records["segment"].summary, ground=records["ground"].summary, cached=True,
+                      current=_current(records))
 
 
 def _all_cached(drops: Sequence[str], settings: Settings) -> list[DropResult] | None:
@@ -272,13 +323,30 @@ def run_rebuild(drops: Sequence[str], settings: Settings) -> list[DropResult]:
 
     One rebuild at a time per data_dir (:func:`radground.buildstate.rebuild_lock`).
     """
-    for location in drops:
-        discover.DropReader(location, settings)  # reject a missing drop before anything starts
+    drops = list(dict.fromkeys(discover.canonical_location(d) for d in drops))
+    # A missing or empty drop, or one without reports.csv, is refused before anything starts.
+    discover.check_drops(drops, settings)
     if not drops and version.latest_version_dir(settings) is None:
         raise buildstate.BuildStateError(
             f"no drops given and no dataset version under {settings.data_dir} yet: pass the drop folders to build.")
-    with buildstate.rebuild_lock(settings):
-        return _run_locked(drops, settings)
+    with buildstate.rebuild_lock(settings, command="rebuild"):
+        results = _run_locked(drops, settings)
+        return [_with_overlays(result, settings) for result in results]
+
+
+def _with_overlays(result: DropResult, settings: Settings) -> DropResult:
+    """Overlays asked for (``rebuild --overlays N``) of a drop whose ground stage did not run now.
+
+    The overlay count is no stage setting (it changes no output), so a built drop's ground stage
+    stays current and would not draw them: they are drawn here from its stored outputs."""
+    count = settings.grounding.overlays
+    if not count or "ground" not in result.current:
+        return result
+    drop_id = result.ingest.drop_id
+    record = buildstate.read_record(open_store(settings), "ingest", drop_id)
+    image_keys = record.handoff.get("image_keys", []) if record else []
+    paths = ground.overlays_from_store(drop_id, image_keys, settings, count)
+    return replace(result, ground={**result.ground, "overlays": [str(p) for p in paths], "overlays_requested": count})
 
 
 def _import_task_modules() -> None:
@@ -290,10 +358,13 @@ def _import_task_modules() -> None:
 
 
 def _run_locked(drops: Sequence[str], settings: Settings) -> list[DropResult]:
+    report_progress("checking drops", 0, 0)
     cached = _all_cached(drops, settings)
     if cached is not None:  # nothing to run: no Prefect, no Ray, only the (cheap) version check
+        report_progress("version check", 0, 0)
         published = version.publish([r.ingest.drop_id for r in cached], settings, {}, {})
-        log.info("rebuild: every drop current; %s", version.summary_line(published))
+        # (not the version line again: the caller prints it, and with --debug this record shows too)
+        log.info("rebuild: every drop current, nothing ran; version %s", published["digest"][:16])
         for result in cached:
             result.version.update(published)
         return cached
@@ -309,6 +380,7 @@ def _run_locked(drops: Sequence[str], settings: Settings) -> list[DropResult]:
             for _ in range(settings.ray.num_cpus):
                 warm.remote()  # fire and forget: a failed warm-up only costs the time it would save
 
+    report_progress("starting Prefect + Ray", 0, 0)
     try:
         with prefect_api(settings, while_starting=start_local_ray) as env:
             runner = RayTaskRunner(address=settings.ray.address, init_kwargs=ray_init_kwargs(settings, env))

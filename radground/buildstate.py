@@ -22,6 +22,7 @@ import hashlib
 import hmac
 import json
 import os
+import socket
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -50,21 +51,78 @@ class RebuildLockedError(RadgroundError):
     """Another rebuild (or forget) is running on the same data_dir."""
 
 
+LOCK_FILE = "rebuild.lock"
+LOCK_HOLDER_FILE = "rebuild.lock.json"  # who holds the lock: pid, host, command, start time (no PHI)
+
+
+class LockHolder(BaseModel):
+    """Who holds the rebuild lock, for the one waiting: no path, drop or patient, only these."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    pid: int
+    host: str
+    command: str  # "rebuild" or "forget"
+    started_at: str  # ISO 8601, UTC
+
+    def describe(self) -> str:
+        return (f"the {self.command} started at {_local_time(self.started_at)} by pid {self.pid} "
+                f"on host {self.host}")
+
+
+def _local_time(iso: str) -> str:
+    """An ISO timestamp as the reader's local time, to the minute (what a person compares with a clock)."""
+    try:
+        return datetime.fromisoformat(iso).astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    except ValueError:
+        return iso
+
+
+def lock_holder(settings: Settings) -> LockHolder | None:
+    """The holder the lock's sidecar names, or None (no sidecar: no holder, or one from before sidecars)."""
+    try:
+        return LockHolder.model_validate_json((settings.data_dir / LOCK_HOLDER_FILE).read_bytes())
+    except (OSError, ValidationError):
+        return None
+
+
 @contextmanager
-def rebuild_lock(settings: Settings) -> Iterator[None]:
+def rebuild_lock(settings: Settings, command: str = "rebuild") -> Iterator[None]:
     """One writer of versions at a time per data_dir: two at once could interleave the writes of
-    one version, so the second waits ``rebuild_lock_timeout_s``, then fails naming the lock."""
+    one version, so the second waits ``rebuild_lock_timeout_s``, then fails naming the lock.
+
+    The holder writes who it is (pid, host, ``command``, start time) to a sidecar beside the lock,
+    so a waiting rebuild can say whom it waits for. The lock itself is the OS's (flock): it is
+    released when its holder dies, whatever the sidecar still says.
+    """
+    from radground.runtime import notify  # the runtime imports the settings only: no cycle
+
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(settings.data_dir / "rebuild.lock")
+    lock = FileLock(settings.data_dir / LOCK_FILE)
+    sidecar = settings.data_dir / LOCK_HOLDER_FILE
+    timeout = settings.rebuild_lock_timeout_s
     try:
-        lock.acquire(timeout=settings.rebuild_lock_timeout_s)
+        lock.acquire(timeout=0)
     except Timeout:
-        raise RebuildLockedError(
-            f"another rebuild holds {lock.lock_file} (waited {settings.rebuild_lock_timeout_s:g} s). Let it "
-            "finish, or raise rebuild_lock_timeout_s to wait longer.") from None
+        holder = lock_holder(settings)
+        whom = holder.describe() if holder else "another rebuild or forget (it left no note of who it is)"
+        notify(f"waiting for {whom} to finish (lock {lock.lock_file}; up to {timeout:g} s, "
+               "rebuild_lock_timeout_s)")
+        try:
+            lock.acquire(timeout=timeout)
+        except Timeout:
+            holder = lock_holder(settings) or holder  # the holder may have changed while we waited
+            whom = holder.describe() if holder else "another rebuild or forget"
+            raise RebuildLockedError(
+                f"{whom} holds {lock.lock_file} (waited {timeout:g} s). Let it finish, or raise "
+                "rebuild_lock_timeout_s to wait longer. A holder that no longer runs does not hold the "
+                "lock: the operating system releases it when its process ends.") from None
     try:
+        _write_json(sidecar, LockHolder(pid=os.getpid(), host=socket.gethostname(), command=command,
+                                        started_at=datetime.now(UTC).isoformat(timespec="seconds")).model_dump())
         yield
     finally:
+        sidecar.unlink(missing_ok=True)  # still ours: the lock is held until the next line
         lock.release()
 
 

@@ -11,6 +11,7 @@ import logging
 import platform
 import sys
 import traceback
+from collections import Counter
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -19,31 +20,85 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from rich.table import Column, Table
+from typer.core import TyperGroup
 
 from radground import __version__
 from radground.errors import RadgroundError
 from radground.runtime import progress_hook
-from radground.settings import Settings, load_settings
+from radground.settings import Settings, data_dir_origin, load_settings, unknown_env_warnings
 
 EXIT_ERROR = 2
 console = Console(stderr=True)
 out = Console()
 
+_CONFIG_OPTIONS = ("--config", "-c")
+
+
+def _is_config(arg: str) -> bool:
+    """--config / -c with its value apart (False for those: the value follows), or joined to it."""
+    return arg.startswith("--config=") or (arg.startswith("-c") and not arg.startswith("--") and arg != "-c")
+
+
+def config_option_first(args: list[str]) -> list[str]:
+    """``args`` with a ``--config FILE`` given after the command moved in front of it.
+
+    Click parses a group's options only before the subcommand; users type ``--config`` where
+    they think of it, so both ``radground --config x.yaml datasets list`` and ``radground
+    datasets list --config x.yaml`` mean the same. No subcommand has a --config or -c of its own.
+    """
+    start, given = 0, 0
+    while start < len(args) and args[start].startswith("-"):  # the group's own options
+        if args[start] in _CONFIG_OPTIONS or _is_config(args[start]):
+            given += 1
+        start += 2 if args[start] in _CONFIG_OPTIONS else 1
+    moved, after = [], []
+    rest = iter(args[start + 1:])
+    for arg in rest:
+        if arg == "--":  # what follows is positional, whatever it looks like
+            after += [arg, *rest]
+        elif arg in _CONFIG_OPTIONS:
+            value = next(rest, None)
+            if value is None:
+                raise typer.BadParameter("needs a YAML settings file after it.", param_hint=f"'{arg}'")
+            moved += [arg, value]
+            given += 1
+        elif arg.startswith("--config="):
+            moved.append(arg)
+            given += 1
+        else:
+            after.append(arg)
+    if given > 1:
+        raise typer.BadParameter("given more than once; give one YAML settings file, before or after the command.",
+                                 param_hint="'--config'")
+    return moved + args[:start + 1] + after
+
+
+class _ConfigAnywhereGroup(TyperGroup):
+    """The top-level group: accepts --config after the subcommand too (see config_option_first)."""
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, config_option_first(args))
+
+
+# Plain (click-style) help, not typer's rich panels: typer 0.29's rich help prints "<bool>" after
+# every flag (--force, --json, --help), as if it took a value, and plain help does not.
 app = typer.Typer(
     name="radground",
     help="Turn hospital DICOM + report drops into versioned, spatially grounded VLM datasets.",
+    cls=_ConfigAnywhereGroup,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    rich_markup_mode="markdown",  # docstring paragraphs reflow to the terminal instead of keeping source line breaks
-    context_settings={"help_option_names": ["-h", "--help"]},
+    rich_markup_mode=None,
+    # Up to 120 columns on a wide terminal: the command list shows whole first sentences there.
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120},
 )
-config_app = typer.Typer(help="Inspect the effective settings.", no_args_is_help=True)
+config_app = typer.Typer(help="Inspect the effective settings.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(config_app, name="config")
-datasets_app = typer.Typer(help="Dataset versions: list, show, pull.", no_args_is_help=True)
+datasets_app = typer.Typer(help="Dataset versions: list, show, pull.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(datasets_app, name="datasets")
 lineage_app = typer.Typer(help="Audit lineage: what is behind a version, where a patient is used.",
-                          no_args_is_help=True)
+                          no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(lineage_app, name="lineage")
 
 
@@ -58,10 +113,32 @@ class _State:
         # Loaded on first use, so `--help` and `version` work even with broken settings.
         if self._settings is None:
             self._settings = load_settings(self.config_file)
+            for warning in unknown_env_warnings():  # a typo'd variable is otherwise ignored without a word
+                console.print(f"[bold yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
         return self._settings
 
 
 state = _State()
+
+
+def _data_dir_line() -> str:
+    settings = state.settings
+    return f"data_dir: {settings.data_dir.resolve()} ({data_dir_origin(state.config_file)})"
+
+
+def note_data_dir() -> None:
+    """Say on stderr which data_dir a reading command uses, and why that one: run from another
+    folder, the default ./.radground is another (often empty) data_dir."""
+    console.print(_data_dir_line(), highlight=False, soft_wrap=True, markup=False)
+
+
+def nothing_here(what: str = "no dataset versions") -> str:
+    """The hint for a data_dir that holds nothing: how to point at the right one."""
+    settings = state.settings
+    return (f"data_dir {settings.data_dir.resolve()} ({data_dir_origin(state.config_file)}) holds {what}. If your "
+            "data is elsewhere, point at its data_dir with "
+            "RADGROUND_DATA_DIR=/path/to/data_dir, or with --config FILE (a YAML file with data_dir: in it; "
+            "before or after the command). To build a dataset here: radground rebuild DROP.")
 
 
 @app.callback()
@@ -69,8 +146,9 @@ def main_options(
     config: Annotated[
         Path | None,
         typer.Option(
-            "--config", "-c", envvar="RADGROUND_CONFIG", dir_okay=False,
-            help="YAML settings file. Environment variables (RADGROUND_*) override it.",
+            "--config", "-c", envvar="RADGROUND_CONFIG", dir_okay=False, metavar="FILE",
+            help="YAML settings file; may also follow the command (radground datasets list --config FILE). "
+            "Environment variables (RADGROUND_*) override it.",
         ),
     ] = None,
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
@@ -103,9 +181,10 @@ def version() -> None:
 @app.command()
 def synth(
     out_dir: Annotated[Path, typer.Argument(metavar="OUT", help="Folder to write the drop into.")],
-    patients: Annotated[int, typer.Option("--patients", "-n", min=1, max=10_000,
+    patients: Annotated[int, typer.Option("--patients", "-n", min=1, max=10_000, metavar="N",
                                           help="Number of patients.")] = 20,
-    seed: Annotated[int, typer.Option("--seed", "-s", min=0, help="Random seed; same seed, same bytes.")] = 0,
+    seed: Annotated[int, typer.Option("--seed", "-s", min=0, metavar="SEED",
+                                      help="Random seed; same seed, same bytes.")] = 0,
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it is not empty.")] = False,
 ) -> None:
     """Generate a synthetic hospital drop (DICOM + reports.csv) with planted PHI and bad inputs.
@@ -135,10 +214,12 @@ def synth(
 @app.command()
 def rebuild(
     drops: Annotated[list[str] | None, typer.Argument(
-        metavar="[DROP]...", help="Drop folders, or store:PREFIX for a drop inside the object store. None: bring "
+        metavar="DROP", help="Drop folders, or store:PREFIX for a drop inside the object store. PREFIX is "
+        "relative to storage.prefix: with storage.prefix 'site-a/', store:drops/0412 reads "
+        "s3://<bucket>/site-a/drops/0412/ (local backend: <data_dir>/store/drops/0412/). None: bring "
         "the latest version up to date with the current settings and code.")] = None,
     overlays: Annotated[int | None, typer.Option(
-        "--overlays", min=0, help="Write PNG overlays of this many grounded slices per drop "
+        "--overlays", min=0, metavar="N", help="Write PNG overlays of this many grounded slices per drop "
         "(<data_dir>/overlays/<drop_id>/).")] = None,
 ) -> None:
     """Rebuild the dataset with new or changed drops: ingest, curate, segment, ground, check, version.
@@ -149,49 +230,53 @@ def rebuild(
     Runs the Prefect flow rebuild_dataset on Ray: embedded by default (a Prefect API on
     127.0.0.1 and a local Ray with ray.num_cpus CPUs), or on prefect.api_url / ray.address.
     """
-    from radground.runtime import libraries_off_the_terminal
+    from radground.runtime import libraries_off_the_terminal, ui_commands
+    from tasks.discover import check_drops
 
     settings = state.settings
     if overlays is not None:
         settings = settings.model_copy(update={
             "grounding": settings.grounding.model_copy(update={"overlays": overlays})})
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("series"),
-                  TimeElapsedColumn(), console=console, transient=True) as progress:
-        bar = progress.add_task("starting Prefect + Ray", total=None)
+    # Seconds, not minutes: a wrong folder is named before Prefect, Ray or the key are touched.
+    check_drops(drops or [], settings)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as progress:
+        bar = progress.add_task("starting", total=None)
 
         def follow(stage: str, done: int, total: int) -> None:
-            progress.update(bar, description=stage, completed=done, total=total)
+            # total 0: a step of unknown length (the bar pulses instead of standing still)
+            progress.update(bar, description=stage, completed=done, total=total or None)
+
+        def notice(message: str) -> None:
+            progress.console.print(message, highlight=False, markup=False, soft_wrap=True)
 
         # Prefect's, Ray's, DVC's and MLflow's own lines go to data_dir/logs, not this terminal.
-        with progress_hook(follow), libraries_off_the_terminal(settings) as library_log:
+        with progress_hook(follow, notice), libraries_off_the_terminal(settings) as library_log:
             # Imported here: Prefect creates its home on import, which must be data_dir's by then.
             from flows.rebuild import run_rebuild
 
             summaries = run_rebuild(drops or [], settings)
-    from tasks.curate.stage import summary_line as curate_line
-    from tasks.ground_stage import summary_line as ground_line
-    from tasks.segment.stage import summary_line as segment_line
-
     for result in summaries:
-        out.print(result.ingest.line())
-        out.print(curate_line(result.curate))
-        out.print(segment_line(result.segment))
-        out.print(ground_line(result.ground))
+        for line in result.lines():  # a stage that did not run says "current", not its old summary
+            out.print(line, highlight=False, markup=False)
     from tasks.version_stage import summary_line as version_line
 
     if summaries and summaries[0].version:
-        out.print(version_line(summaries[0].version))
+        out.print(version_line(summaries[0].version), highlight=False)
     store = settings.store_root.resolve() if settings.storage.backend == "local" else settings.storage.bucket
-    out.print(f"stage outputs: {store} (prefixes ingest/, curate/, segment/, ground/ + <drop_id>/)")
-    out.print(f"library logs (Prefect, Ray, DVC, MLflow): {library_log}")
+    out.print(f"stage outputs: {store} (prefixes ingest/, curate/, segment/, ground/ + <drop_id>/)", highlight=False)
+    for line in ui_commands(settings):  # the embedded servers are gone: how to look at what they recorded
+        out.print(line, highlight=False, markup=False)
+    out.print(f"library logs (Prefect, Ray, DVC, MLflow): {library_log}", highlight=False)
 
 
 @app.command()
 def keywords(
-    text: Annotated[str, typer.Argument(help="A sentence (or several) to analyse.")],
-    lang: Annotated[str, typer.Option("--lang", "-l", help="Language of TEXT: de or en.")] = "de",
+    text: Annotated[str, typer.Argument(metavar="TEXT", help="A sentence (or several) to analyse.")],
+    lang: Annotated[str, typer.Option("--lang", "-l", metavar="de|en", help="Language of TEXT: de or en.")] = "de",
     backend: Annotated[str | None, typer.Option(
-        "--backend", "-b", help="lexicon or openai; default: the llm.backend setting.")] = None,
+        "--backend", "-b", metavar="lexicon|openai", help="lexicon or openai; default: the llm.backend setting."
+    )] = None,
 ) -> None:
     """Print one JSON object per anatomical keyword found in TEXT (keyword, class, start, end, negated).
 
@@ -222,10 +307,13 @@ def keywords(
 
 @app.command()
 def show(
-    image_id: Annotated[str, typer.Argument(help="A slice's image_id (de-identified SOP Instance UID).")],
-    out_file: Annotated[Path | None, typer.Option("--out", "-o", help="PNG to write; default "
+    image_id: Annotated[str, typer.Argument(metavar="IMAGE_ID",
+                                            help="A slice's image_id (de-identified SOP Instance UID).")],
+    out_file: Annotated[Path | None, typer.Option("--out", "-o", metavar="PNG", help="PNG to write; default "
                                                   "<data_dir>/overlays/show/IMAGE_ID.png.")] = None,
-    language: Annotated[str, typer.Option("--lang", "-l", help="Keyword language to label: de or en.")] = "de",
+    language: Annotated[str, typer.Option("--lang", "-l", metavar="de|en", help="Keyword language to label: de or "
+                                          "en (a report's own language, or its translation when one was made).")
+                        ] = "de",
 ) -> None:
     """Render one slice with its masks, grounded boxes and keywords as a PNG, to check the pipeline by eye."""
     from radground.errors import ConfigError
@@ -234,15 +322,56 @@ def show(
     if language not in ("de", "en"):
         raise ConfigError(f"--lang {language!r}: expected de or en.")
     settings = state.settings
+    note_data_dir()
+    if settings.storage.backend == "local" and not settings.store_root.is_dir():  # before anything creates it
+        raise ConfigError(f"image {image_id}: not found. {nothing_here('no stage outputs (no store folder)')}")
     target = out_file or settings.data_dir / "overlays" / "show" / f"{image_id}.png"
     path = render_image(image_id, target, language, settings)
     out.print(f"overlay written to [bold]{path}[/]")
+    grounded = _grounded_languages(image_id, settings)
+    if grounded[language]:
+        console.print(f"{grounded[language]} grounded keyword(s) labelled ({_LANGUAGES[language]}).")
+    else:
+        console.print(f"[bold yellow]note:[/] {_why_no_keywords(language, grounded)}", highlight=False,
+                      soft_wrap=True)
+
+
+_LANGUAGES = {"de": "German", "en": "English"}
+
+
+def _grounded_languages(image_id: str, settings: Settings) -> Counter[str]:
+    """How many grounded keywords the slice has per language, over every drop's grounding table."""
+    from radground.store import open_store
+    from radground.tables import read_table
+
+    store = open_store(settings)
+    counts: Counter[str] = Counter()
+    for key in store.list("ground/"):
+        if key.endswith("/grounding.parquet"):
+            table = read_table(store, key).select(["image_id", "language"]).to_pylist()
+            counts.update(row["language"] for row in table if row["image_id"] == image_id)
+    return counts
+
+
+def _why_no_keywords(language: str, grounded: Counter[str]) -> str:
+    """Why the overlay labels no keyword in ``language``, and what to do instead."""
+    others = [other for other in _LANGUAGES if other != language and grounded[other]]
+    if others:
+        other = others[0]
+        return (f"this slice's report is {_LANGUAGES[other]}; no {_LANGUAGES[language]} keywords (the report was "
+                f"not translated: translation backend off when it was built), so the overlay shows the masks only. "
+                f"Use --lang {other}, or enable translation (translation.backend) and rebuild.")
+    return ("this slice has no grounded keyword in any language (no keyword of its report names a class found on "
+            "it), so the overlay shows the masks only. Grounded slices are in ground/<drop_id>/grounding.parquet "
+            "of the store.")
 
 
 @app.command()
 def demo(
-    patients: Annotated[int, typer.Option("--patients", "-n", min=1, help="Patients in the demo drop.")] = 6,
-    seed: Annotated[int, typer.Option("--seed", "-s", min=0, help="Random seed of the demo drop.")] = 0,
+    patients: Annotated[int, typer.Option("--patients", "-n", min=1, metavar="N",
+                                          help="Patients in the demo drop.")] = 6,
+    seed: Annotated[int, typer.Option("--seed", "-s", min=0, metavar="SEED",
+                                      help="Random seed of the demo drop.")] = 0,
 ) -> None:
     """Run the main job on the embedded default: every stage that exists, on a synthetic drop.
 
@@ -253,55 +382,134 @@ def demo(
     """
     data_dir = state.settings.data_dir.resolve()
     drop_dir = data_dir / "drops" / "demo"
-    synth(drop_dir, patients=patients, seed=seed, force=True)
-    out.print(f"demo drop written to [bold]{drop_dir}[/] (ground truth: {drop_dir}.truth.json)")
+    if _same_demo_drop(drop_dir, patients, seed):
+        # Written again it would be the same bytes with new times, and the rebuild would start
+        # Prefect and Ray only to re-hash them: kept, a second demo starts nothing.
+        out.print(f"demo drop kept: {drop_dir} (the same seed and patients as before)", highlight=False)
+    else:
+        synth(drop_dir, patients=patients, seed=seed, force=True)
+        out.print(f"demo drop written to [bold]{drop_dir}[/] (ground truth: {drop_dir}.truth.json)")
     rebuild([str(drop_dir)], overlays=4)
+
+
+def _same_demo_drop(drop_dir: Path, patients: int, seed: int) -> bool:
+    """Does ``drop_dir`` hold the synthetic drop this seed and patient count would write?"""
+    from radground.synth.drop import GENERATOR_VERSION
+
+    truth = drop_dir.with_name(drop_dir.name + ".truth.json")
+    try:
+        doc = json.loads(truth.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return ((doc.get("generator_version"), doc.get("seed"), len(doc.get("patients") or [])) ==
+            (GENERATOR_VERSION, seed, patients) and (drop_dir / "reports.csv").is_file())
+
+
+#: The shortest digest prefix a command takes: 8 hex characters (32 bits) rarely fit two versions, and
+#: when they do the command says so. Version folders (and versions/*.dvc files) are named by the first
+#: 16, which `datasets list` prints; any length from 8 up to the whole 64 works alike.
+MIN_DIGEST_PREFIX = 8
+FOLDER_DIGEST_LENGTH = 16
+VERSION_HELP = ("A version digest: the 16 hex characters `radground datasets list` prints, the whole 64, or any "
+                f"prefix of {MIN_DIGEST_PREFIX} or more that only one version starts with.")
+
+
+def _resolve_version(version: str, names: list[str], where: Path, what: str) -> str:
+    """The one of ``names`` (version folder names, digest[:16]) that ``version`` names."""
+    from radground.errors import ConfigError
+
+    wanted = version.strip().lower()
+    if not (MIN_DIGEST_PREFIX <= len(wanted) <= 64 and all(c in "0123456789abcdef" for c in wanted)):
+        raise ConfigError(f"version {version!r}: expected a digest of {MIN_DIGEST_PREFIX} to 64 hex characters "
+                          f"(the 16 `radground datasets list` prints will do).")
+    if not names:
+        raise ConfigError(f"version {wanted}: {nothing_here(what)}")
+    matches = sorted(name for name in names if name.startswith(wanted[:FOLDER_DIGEST_LENGTH]))
+    if not matches:
+        raise ConfigError(f"version {wanted}: no version in {where} starts with it. Run `radground datasets list` "
+                          "for the digests.")
+    if len(matches) > 1:
+        raise ConfigError(f"version {wanted}: {len(matches)} versions start with it ({', '.join(matches)}); give "
+                          "more of the digest.")
+    return matches[0]
 
 
 def _version_dir(version: str) -> Path:
     from radground.errors import ConfigError
+    from tasks.version import read_manifest
     from tasks.version_stage import versions_root
 
     root = versions_root(state.settings)
-    matches = sorted(p for p in root.glob(f"{version[:16]}*") if p.is_dir()) if root.is_dir() else []
-    if len(matches) != 1:
-        raise ConfigError(f"version {version!r}: {'no' if not matches else 'more than one'} version folder in "
-                          f"{root} matches. Run `radground datasets list` for the digests.")
-    return matches[0]
+    folders = [p.name for p in root.iterdir() if p.is_dir() and (p / "manifest.json").exists()] if root.is_dir() else []
+    folder = root / _resolve_version(version, folders, root, "no dataset versions")
+    digest = read_manifest(folder).digest
+    if not digest.startswith(version.strip().lower()):  # more than 16 characters given: all of them must match
+        raise ConfigError(f"version {version.strip().lower()}: version {folder.name} has digest {digest}, which "
+                          "does not start with it. Run `radground datasets list --json` for the full digests.")
+    return folder
 
 
 @datasets_app.command("list")
-def datasets_list() -> None:
-    """List the dataset versions under data_dir, newest first, with their row counts."""
+def datasets_list(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table: one object per version "
+                                          "with its full digest, parent, drops, rows per table and time.")] = False,
+) -> None:
+    """List the dataset versions under data_dir, newest first, with their row counts.
+
+    The version column is what `datasets show`, `datasets pull` and `lineage trace` take: the
+    digest's first 16 hex characters (any unambiguous prefix of 8 or more works too).
+    """
     from tasks.version import read_manifest
     from tasks.version_stage import latest_version_dir, versions_root
 
+    note_data_dir()
     root = versions_root(state.settings)
-    table = Table("version", "parent", "drops", "rows", "created")
     latest_dir = latest_version_dir(state.settings)
     latest = latest_dir.name if latest_dir else None
     folders = [p for p in root.iterdir() if p.is_dir() and (p / "manifest.json").exists()] if root.is_dir() else []
-    for folder in sorted(folders, key=lambda p: read_manifest(p).created_at, reverse=True):
-        m = read_manifest(folder)
+    manifests = sorted(((folder, read_manifest(folder)) for folder in folders), key=lambda fm: fm[1].created_at,
+                       reverse=True)
+    if not manifests:
+        console.print(f"[bold yellow]note:[/] {nothing_here()}", highlight=False, soft_wrap=True, markup=True)
+    if as_json:
+        print(json.dumps([{"version": folder.name, "digest": m.digest, "parent_digest": m.parent_digest,
+                           "latest": folder.name == latest, "drops": m.drops,
+                           "rows": {name: t.rows for name, t in m.tables.items()}, "created_at": m.created_at}
+                          for folder, m in manifests], indent=2))
+        return
+    if not manifests:
+        return
+    # The ids to copy are never cut or wrapped, however narrow the terminal: the other columns give way.
+    table = Table(Column("version", no_wrap=True, min_width=FOLDER_DIGEST_LENGTH, overflow="ignore"),
+                  Column("parent", no_wrap=True, min_width=FOLDER_DIGEST_LENGTH, overflow="ignore"), "drops", "rows",
+                  Column("created (UTC)", no_wrap=True, min_width=16))
+    for folder, m in manifests:
         rows = ", ".join(f"{n} {t.rows}" for n, t in m.tables.items())
-        table.add_row(folder.name + (" (latest)" if folder.name == latest else ""),
-                      (m.parent_digest or "-")[:16], str(len(m.drops)), rows, m.created_at[:19])
+        # "(latest)" on a line of its own: a double click on the id copies the id alone.
+        table.add_row(folder.name + ("\n(latest)" if folder.name == latest else ""),
+                      (m.parent_digest or "-")[:FOLDER_DIGEST_LENGTH], str(len(m.drops)), rows,
+                      m.created_at[:16].replace("T", " "))
     out.print(table)
 
 
 @datasets_app.command("show")
-def datasets_show(version: Annotated[str, typer.Argument(help="A version digest (16+ characters).")]) -> None:
+def datasets_show(version: Annotated[str, typer.Argument(metavar="VERSION", help=VERSION_HELP)]) -> None:
     """Print a version's manifest as JSON."""
+    note_data_dir()
     out.print_json((_version_dir(version) / "manifest.json").read_text(encoding="utf-8"))
 
 
 @datasets_app.command("pull")
-def datasets_pull(version: Annotated[str, typer.Argument(help="A version digest (16+ characters).")]) -> None:
+def datasets_pull(version: Annotated[str, typer.Argument(metavar="VERSION", help=VERSION_HELP)]) -> None:
     """Fetch a version's files from the DVC remote into data_dir/versions."""
     from radground.dvc import DvcRepo
     from tasks.version_stage import versions_root
 
-    folder = DvcRepo(versions_root(state.settings), state.settings).pull(version[:16])
+    note_data_dir()
+    root = versions_root(state.settings)
+    tracked = [p.stem for p in root.glob("*.dvc") if p.is_file()] if root.is_dir() else []
+    name = _resolve_version(version, tracked, root, "no tracked dataset versions (no versions/*.dvc files)")
+    folder = DvcRepo(root, state.settings).pull(name)
     out.print(f"version pulled into [bold]{folder}[/]")
 
 
@@ -313,48 +521,120 @@ def _lineage():
 
 @app.command()
 def forget(
-    patient: Annotated[str, typer.Option("--patient", help="A patient pseudonym (P + 20 hex), or the hospital's "
-                                         "patient ID (hashed with the key; never printed).")],
+    patient: Annotated[str, typer.Option("--patient", help="A patient pseudonym (P + 20 hex, any case), or the "
+                                         "hospital's patient ID (hashed with the key; never printed).")],
+    not_yet_delivered: Annotated[bool, typer.Option(
+        "--not-yet-delivered", help="The patient is in no drop yet: only put them on the exclusion list, so no "
+        "later delivery brings them in.")] = False,
+    purge: Annotated[bool, typer.Option(
+        "--purge", help="Erase the patient physically: stage outputs, caches, older versions (see --older), DVC "
+        "cache and remote; ends with a byte scan.")] = False,
+    older: Annotated[str | None, typer.Option(
+        "--older", metavar="rewrite|remove", help="With --purge: rewrite each older version that holds the patient "
+        "without them (new digest), or remove those versions.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="With --purge: list what would be touched; change "
+                                          "nothing.")] = False,
 ) -> None:
     """Forget a patient: a new version without their rows, and every later rebuild leaves them out.
 
     Prints JSON naming the patient by pseudonym only: the new version, the rows removed per
     table, and the earlier versions (and MLflow runs that used them) that still hold the
-    patient, which you delete or supersede.
+    patient. A patient found in no version and no stage output is an error (nothing recorded),
+    unless --not-yet-delivered. With --purge the patient is erased physically everywhere under
+    data_dir, the object store and the DVC remote; the exclusion list and the audit record
+    (state/purges/) keep the pseudonym, by design.
     """
+    from radground.errors import ConfigError
     from radground.lineage import pseudonym_for
+
+    settings = state.settings
+    if (dry_run or older is not None) and not purge:
+        raise ConfigError("--dry-run and --older go with --purge: add --purge (or drop them for a plain forget).")
+    if purge and not_yet_delivered:
+        raise ConfigError("--purge erases a patient who is in the data; --not-yet-delivered records one who is not. "
+                          "Use one of them.")
+    if purge and older not in ("rewrite", "remove"):
+        raise ConfigError(f"--older {older!r}: with --purge choose --older rewrite (each older version holding the "
+                          "patient is rewritten without them, new digest) or --older remove (those versions are "
+                          "deleted).")
+    pseudonym = pseudonym_for(settings, patient)
+    if purge:
+        _purge(settings, pseudonym, older, dry_run)
+        return
     from tasks.version_stage import forget as forget_patient
 
-    result = forget_patient(state.settings, pseudonym_for(state.settings, patient))
+    result = forget_patient(settings, pseudonym, not_yet_delivered=not_yet_delivered)
     version = result["version"]
     result["version"] = version and {k: version[k] for k in ("digest", "parent_digest", "version_dir", "rows",
                                                              "mlflow_run")}
     out.print_json(json.dumps(result, default=str))
 
 
+def _purge(settings: Settings, pseudonym: str, older: str, dry_run: bool) -> None:
+    """Run the purge, print its report; a scan that still finds the patient fails the command."""
+    from tasks.purge import PurgeError, purge
+
+    report = purge(settings, pseudonym, older=older, dry_run=dry_run)  # type: ignore[arg-type]
+    out.print_json(json.dumps(report, default=str))
+    if dry_run:
+        console.print("dry run: nothing was changed.")
+        return
+    scan = report["scan"]
+    if report.get("current_version_error"):
+        raise PurgeError(f"purge done (final scan {'clean' if scan['clean'] else 'NOT clean'}), but no current "
+                         f"version could be published without the patient: {report['current_version_error']}")
+    if not scan["clean"]:
+        raise PurgeError(f"purge done, but the final scan still finds the patient in {len(scan['files_still_holding'])}"
+                         f" file(s): {', '.join(scan['files_still_holding'][:10])}. Delete or rewrite them, then run "
+                         "the purge again (it scans again).")
+    console.print(f"scan: {scan['files_scanned']} files under {settings.data_dir.resolve()} and the DVC remote hold "
+                  "no byte of the patient's pseudonym or ids (kept by design: the exclusion list and the audit "
+                  "record). Raw drops are outside the purge: delete the patient at the source of "
+                  f"{', '.join(report['drops_holding_patient']) or 'no drop'}.")
+
+
 @lineage_app.command("trace")
-def lineage_trace(version: Annotated[str, typer.Argument(help="A version digest.")]) -> None:
+def lineage_trace(version: Annotated[str, typer.Argument(metavar="VERSION", help=VERSION_HELP)]) -> None:
     """The drops and raw file hashes behind a version (JSON)."""
     from tasks.version import read_manifest
 
+    note_data_dir()
     digest = read_manifest(_version_dir(version)).digest
     out.print_json(json.dumps(_lineage().trace(digest), default=str))
 
 
 @lineage_app.command("where-used")
 def lineage_where_used(
-    patient: Annotated[str, typer.Option("--patient", help="A patient pseudonym (P + 20 hex), or the hospital's "
-                                         "patient ID (hashed with the key; never printed).")],
+    patient: Annotated[str, typer.Option("--patient", help="A patient pseudonym (P + 20 hex, any case), or the "
+                                         "hospital's patient ID (hashed with the key; never printed).")],
 ) -> None:
     """Every version (and MLflow run) that contains a patient — named by pseudonym only."""
     from radground.lineage import pseudonym_for
 
-    out.print_json(json.dumps(_lineage().where_used(pseudonym_for(state.settings, patient)), default=str))
+    settings = state.settings
+    pseudonym = pseudonym_for(settings, patient)
+    lineage = settings.data_dir.resolve() / "lineage"
+    used = _lineage().where_used(pseudonym) if lineage.is_dir() and any(lineage.glob("*.parquet")) else None
+    if not used or not used["versions"]:
+        _not_in_any_version(settings, pseudonym)
+    out.print_json(json.dumps(used, default=str))
+
+
+def _not_in_any_version(settings: Settings, pseudonym: str) -> None:
+    """Fail: an empty list would read as "used nowhere" when the ID may simply be wrong."""
+    from radground.lineage import LineageError
+    from tasks.purge import in_stage_outputs
+
+    drops = in_stage_outputs(settings, pseudonym)
+    where = (f"; their records are in the stage outputs of drop {', '.join(sorted(drops))}, not yet in a version"
+             if drops else ". Check the ID, and that deid.key is the key the data was built with")
+    raise LineageError(f"no patient with this ID/pseudonym in any version under {settings.data_dir.resolve()}{where}.")
 
 
 @config_app.command("show")
 def config_show() -> None:
     """Print the effective settings as JSON (secrets masked)."""
+    note_data_dir()
     out.print_json(json.dumps(state.settings.public_dict(), default=str))
 
 

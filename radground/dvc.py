@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -219,6 +219,78 @@ class DvcRepo:
                 else "Check that the remote folder exists and is readable/writable")
         what = _one_line(exc) if isinstance(exc, DvcException) else f"{type(exc).__name__}: {_one_line(exc)}"
         return f"dvc {op} with remote {self.describe_remote()} failed: {what}. {hint}, then retry."
+
+
+    # -- what versions reference, and deleting exactly what none references any more (purge)
+    def _object_rel(self, md5: str) -> str:
+        """An object's path inside a DVC 3 cache or remote: files/md5/<2 hex>/<rest>[.dir]."""
+        return f"files/md5/{md5[:2]}/{md5[2:]}"
+
+    def _read_object(self, md5: str) -> bytes | None:
+        local = self.root / ".dvc" / "cache" / self._object_rel(md5)
+        if local.is_file():
+            return local.read_bytes()
+        if self.settings.storage.backend == "s3":
+            from radground.errors import ObjectNotFoundError
+            from radground.store import open_store
+
+            try:
+                return open_store(self.settings).get(f"{DVC_S3_PREFIX}/{self._object_rel(md5)}")
+            except ObjectNotFoundError:
+                return None
+        remote = Path(self.remote_url) / self._object_rel(md5)
+        return remote.read_bytes() if remote.is_file() else None
+
+    def referenced_hashes(self, dvc_files: Iterable[Path | str]) -> set[str]:
+        """Every object hash the given ``.dvc`` files reference: each folder's ``.dir`` listing and
+        the files it lists (read from the local cache, else the remote)."""
+        import json
+
+        import yaml
+
+        hashes: set[str] = set()
+        for dvc_file in dvc_files:
+            spec = yaml.safe_load(Path(dvc_file).read_text(encoding="utf-8")) or {}
+            for out in spec.get("outs", []):
+                md5 = out.get("md5")
+                if not md5:
+                    continue
+                hashes.add(md5)
+                if md5.endswith(".dir"):
+                    listing = self._read_object(md5)
+                    if listing is None:
+                        raise DvcError(f"{Path(dvc_file).name}: its folder listing {md5} is in neither the DVC "
+                                       f"cache nor the remote {self.describe_remote()}; cannot tell which objects "
+                                       "it references. Pull the version (radground datasets pull) and retry.")
+                    hashes |= {entry["md5"] for entry in json.loads(listing)}
+        return hashes
+
+    def delete_objects(self, hashes: Iterable[str]) -> dict[str, int]:
+        """Delete these objects from the local cache and the remote (and nothing else: a shared remote
+        may hold other data_dirs' objects, so never a blanket ``dvc gc``). Returns counts."""
+        counts = {"dvc_cache_objects_deleted": 0, "dvc_remote_objects_deleted": 0}
+        store = None
+        if self.settings.storage.backend == "s3":
+            from radground.store import open_store
+
+            store = open_store(self.settings)
+        for md5 in sorted(set(hashes)):
+            rel = self._object_rel(md5)
+            local = self.root / ".dvc" / "cache" / rel
+            if local.is_file():
+                local.unlink()
+                counts["dvc_cache_objects_deleted"] += 1
+            if store is not None:
+                key = f"{DVC_S3_PREFIX}/{rel}"
+                if store.exists(key):
+                    store.delete(key)
+                    counts["dvc_remote_objects_deleted"] += 1
+            else:
+                remote = Path(self.remote_url) / rel
+                if remote.is_file():
+                    remote.unlink()
+                    counts["dvc_remote_objects_deleted"] += 1
+        return counts
 
 
 class _NoStatus:

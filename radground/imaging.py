@@ -1,4 +1,4 @@
-"""Pixel arrays for the model: CT windows and MR min-max scaling (DOMAIN.md, "Images").
+"""Pixel arrays for the model: CT windows and MR min-max scaling (docs/method.md, "Images").
 
 Pure array functions. CT becomes three channels, one per window, each in [-1, 1];
 MR is min-max scaled per image to [-1, 1] and repeated to three channels.

@@ -500,21 +500,30 @@ def _search_runs(settings: Settings, versions: Sequence[str], tracking_uri: str 
     return sorted(found, key=lambda r: (r["version_digest"], r["experiment"], r["run_id"]))
 
 
+@_mlflow_logs_to_data_dir
+def tag_runs(settings: Settings, tags: dict[str, dict[str, str]], *, tracking_uri: str | None = None) -> None:
+    """Set tags on MLflow runs: {run_id: {tag: value}}. Callers pass digests and counts, never PHI."""
+    client = _client(settings, tracking_uri)
+    for run_id, values in tags.items():
+        for key, value in values.items():
+            client.set_tag(run_id, key, value)
+
+
 # --------------------------------------------------------------------------- pseudonyms
 
 
 def pseudonym_for(settings: Settings, patient_id_or_pseudonym: str, *, issuer: str = "") -> str:
     """The patient pseudonym for a pseudonym (returned as is) or a source PatientID (keyed hash).
 
-    A value of the pseudonym form ("P" + 20 upper-case hex digits) is taken as a pseudonym.
-    The source ID is never logged or put into an error message.
+    A value of the pseudonym form ("P" + 20 hex digits, in any case: people retype them) is taken
+    as a pseudonym and returned upper-case. The source ID is never logged or put into an error message.
     """
     from radground.keys import KEY_FILE, load_key
     from tasks.deid import patient_pseudonym
 
     value = patient_id_or_pseudonym.strip()
-    if PSEUDONYM_PATTERN.fullmatch(value) and not issuer:
-        return value
+    if PSEUDONYM_PATTERN.fullmatch(value.upper()) and not issuer:
+        return value.upper()
     if settings.deid.key is None and not (settings.data_dir / KEY_FILE).exists():
         # load_key would create a new key, whose pseudonyms match nothing already stored
         raise LineageError(

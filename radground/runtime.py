@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import secrets
+import shlex
 import socket
 import subprocess
 import sys
@@ -49,6 +50,10 @@ def prefect_environment(settings: Settings, api_url: str) -> dict[str, str]:
         "PREFECT_UI_ENABLED": "false",
         "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "false",
         "PREFECT_LOGGING_LOG_PRINTS": "false",
+        # An embedded server stops with the rebuild: a "View at http://127.0.0.1:…" link to it
+        # would be dead by the time anyone opens it (an empty UI URL turns the link off).
+        # :func:`ui_commands` says how to look at the runs afterwards instead.
+        **({} if settings.prefect.api_url else {"PREFECT_UI_URL": ""}),
         # Prefect's SDK telemetry (a first-run notice on the terminal, events to the network)
         # reads this standard switch; the server's analytics are the setting above.
         "DO_NOT_TRACK": "1",
@@ -165,9 +170,13 @@ def _applied(env: dict[str, str]) -> Iterator[None]:
         )
 
         # Prefect snapshots the environment at import, so tell its settings context too.
-        with temporary_settings(updates={PREFECT_API_URL: env["PREFECT_API_URL"],
-                                         PREFECT_HOME: env["PREFECT_HOME"],
-                                         PREFECT_RESULTS_PERSIST_BY_DEFAULT: False}):
+        updates = {PREFECT_API_URL: env["PREFECT_API_URL"], PREFECT_HOME: env["PREFECT_HOME"],
+                   PREFECT_RESULTS_PERSIST_BY_DEFAULT: False}
+        if "PREFECT_UI_URL" in env:
+            from prefect.settings import PREFECT_UI_URL
+
+            updates[PREFECT_UI_URL] = env["PREFECT_UI_URL"]
+        with temporary_settings(updates=updates):
             yield
 
 
@@ -182,18 +191,46 @@ def ray_init_kwargs(settings: Settings, env: dict[str, str]) -> dict:
             "log_to_driver": False, "logging_level": logging.WARNING}
 
 
+def ui_commands(settings: Settings) -> list[str]:
+    """How to open the Prefect and MLflow UIs on what an embedded rebuild recorded (its servers are
+    gone by then): one line each, for the embedded parts only (an existing server has its own URL)."""
+    from radground.lineage import tracking_uri
+
+    lines = []
+    if not settings.prefect.api_url:
+        prefect = _console_script("prefect")
+        lines.append(f"Prefect UI on this data: PREFECT_HOME={shlex.quote(str(prefect_home(settings)))} "
+                     f"{prefect} server start --analytics-off  (then http://127.0.0.1:4200)")
+    if not settings.mlflow.tracking_uri:
+        mlflow = _console_script("mlflow")
+        lines.append(f"MLflow UI on this data: {mlflow} ui --backend-store-uri "
+                     f"{shlex.quote(tracking_uri(settings))}  (then http://127.0.0.1:5000)")
+    return lines
+
+
+def _console_script(name: str) -> str:
+    """The library's command beside this interpreter (the venv's bin), else its bare name."""
+    path = Path(sys.executable).with_name(name)
+    return shlex.quote(str(path)) if path.is_file() else name
+
+
 # --------------------------------------------------------------------------- progress
 ProgressHook = Callable[[str, int, int], None]
+NoticeHook = Callable[[str], None]
 _progress_hook: ContextVar[ProgressHook | None] = ContextVar("radground_progress", default=None)
+_notice_hook: ContextVar[NoticeHook | None] = ContextVar("radground_notice", default=None)
 
 
 @contextlib.contextmanager
-def progress_hook(hook: ProgressHook) -> Iterator[None]:
-    """Let a front end (the CLI's progress bar) follow a flow: hook(stage, done, total)."""
+def progress_hook(hook: ProgressHook, notice: NoticeHook | None = None) -> Iterator[None]:
+    """Let a front end (the CLI's progress bar) follow a flow: hook(stage, done, total), where
+    total 0 means "size unknown"; ``notice(message)`` shows a line while the bar is up."""
     token = _progress_hook.set(hook)
+    notice_token = _notice_hook.set(notice)
     try:
         yield
     finally:
+        _notice_hook.reset(notice_token)
         _progress_hook.reset(token)
 
 
@@ -201,6 +238,16 @@ def report_progress(stage: str, done: int, total: int) -> None:
     hook = _progress_hook.get()
     if hook is not None:
         hook(stage, done, total)
+
+
+def notify(message: str) -> None:
+    """Tell the person running the command something while they wait (e.g. whose lock a rebuild
+    waits for): through the front end's notice hook, else as a warning record."""
+    hook = _notice_hook.get()
+    if hook is not None:
+        hook(message)
+    else:
+        logger.warning("%s", message)
 
 
 # --------------------------------------------------------------------------- library output

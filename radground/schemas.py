@@ -148,7 +148,7 @@ class ReportRecord(BaseModel):
 
 
 class VQARecord(BaseModel):
-    """One question/answer item (DOMAIN.md): per study, or per slice when image_id is set."""
+    """One question/answer item (docs/method.md): per study, or per slice when image_id is set."""
 
     model_config = ConfigDict(extra="forbid")
 

@@ -12,8 +12,11 @@ settings can leak one. Each later stage adds its own group here.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
+import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -31,6 +34,10 @@ from radground.errors import ConfigError
 
 ENV_PREFIX = "RADGROUND_"
 ENV_NESTED_DELIMITER = "__"
+#: RADGROUND_* variables that are not settings but are read elsewhere (the --config option,
+#: scripts/ensure-venv.sh); RADGROUND_TEST_* are the test suite's own switches.
+OTHER_ENV_VARS = frozenset({"RADGROUND_CONFIG", "RADGROUND_VENV_CACHE"})
+OTHER_ENV_PREFIXES = ("RADGROUND_TEST_",)
 
 
 class _Group(BaseModel):
@@ -42,7 +49,9 @@ class _Group(BaseModel):
 class StorageSettings(_Group):
     """Where radground keeps objects: a local folder (default) or an S3/MinIO bucket."""
 
-    backend: Literal["local", "s3"] = "local"
+    backend: Literal["local", "s3"] = Field(
+        default="local", description="local: a folder (storage.root); s3: a bucket on an S3-compatible server."
+    )
     root: Path | None = Field(
         default=None, description="Local backend folder; default <data_dir>/store."
     )
@@ -50,16 +59,18 @@ class StorageSettings(_Group):
         default="http://127.0.0.1:9000",
         description="S3 endpoint URL, http:// or https:// (MinIO, or any S3-compatible server).",
     )
-    bucket: str = Field(default="radground", min_length=3, max_length=63)
+    bucket: str = Field(default="radground", min_length=3, max_length=63, description="S3 bucket name.")
     prefix: str = Field(default="", description="Key prefix inside the bucket, e.g. 'site-a/'.")
-    region: str = "us-east-1"
-    access_key: SecretStr | None = None
-    secret_key: SecretStr | None = None
+    region: str = Field(default="us-east-1", description="S3 region the bucket is in.")
+    access_key: SecretStr | None = Field(default=None, description="S3 access key; set it in the environment.")
+    secret_key: SecretStr | None = Field(default=None, description="S3 secret key; set it in the environment.")
     create_bucket: bool = Field(
         default=True, description="Create the bucket when it does not exist yet."
     )
-    connect_timeout_s: float = Field(default=5.0, gt=0)
-    read_timeout_s: float = Field(default=60.0, gt=0)
+    connect_timeout_s: float = Field(default=5.0, gt=0, description="Seconds to wait for a connection to the "
+                                     "S3 endpoint.")
+    read_timeout_s: float = Field(default=60.0, gt=0, description="Seconds to wait for data on an open S3 "
+                                  "connection.")
     max_attempts: int = Field(
         default=4, ge=1, le=20, description="Tries per operation on transient errors."
     )
@@ -139,7 +150,8 @@ class PrefectSettings(_Group):
     """Prefect's API: an existing server, or one radground starts on 127.0.0.1 for the run."""
 
     api_url: str | None = Field(default=None, description="e.g. http://prefect:4200/api; unset = embedded.")
-    server_start_timeout_s: float = Field(default=90.0, gt=0)
+    server_start_timeout_s: float = Field(default=90.0, gt=0, description="Seconds the embedded Prefect server "
+                                          "may take to answer before the rebuild stops.")
 
 
 class LLMSettings(_Group):
@@ -149,13 +161,15 @@ class LLMSettings(_Group):
         default="lexicon", description="lexicon: offline, deterministic; openai: any OpenAI-compatible server."
     )
     base_url: str = Field(default="http://127.0.0.1:8000/v1", description="OpenAI-compatible API root.")
-    model: str = Field(default="gpt-oss-120b", min_length=1)
+    model: str = Field(default="gpt-oss-120b", min_length=1, description="Model name the server serves.")
     api_key: SecretStr | None = Field(default=None, description="Bearer token, if the server wants one.")
-    timeout_s: float = Field(default=60.0, gt=0)
+    timeout_s: float = Field(default=60.0, gt=0, description="Seconds per request before it counts as a "
+                             "failed try.")
     max_concurrency: int = Field(default=8, ge=1, le=512, description="Requests in flight at once.")
     max_attempts: int = Field(default=4, ge=1, le=20, description="Tries per sentence before quarantine.")
     backoff_s: float = Field(default=1.0, ge=0, description="First retry delay; doubles each retry.")
-    temperature: float = Field(default=0.0, ge=0, le=2)
+    temperature: float = Field(default=0.0, ge=0, le=2, description="Sampling temperature; 0 = the same "
+                               "answer for the same sentence.")
 
     @field_validator("base_url")
     @classmethod
@@ -180,7 +194,8 @@ class VQASettings(_Group):
     """Templated (and, with openai, free-form) question/answer generation."""
 
     seed: int = Field(default=0, ge=0, description="Seeds the choice of questions and distractors.")
-    max_items_per_study: int = Field(default=24, ge=0)
+    max_items_per_study: int = Field(default=24, ge=0, description="Most items kept per study, and per slice "
+                                     "for slice-level items (chosen with vqa.seed).")
     choices: int = Field(default=4, ge=2, le=8, description="Options of a multiple-choice question.")
     free_form: bool = Field(default=True, description="Ask the LLM for free-form items (openai only).")
 
@@ -196,13 +211,15 @@ class SegmentationSettings(_Group):
         description="Chain, in order: each later backend refines or overrides the earlier masks "
         "(sam refines the previous backend's regions; imported overrides where a drop carries masks).",
     )
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="Where model backends run "
+                                                   "(totalsegmentator, sam); auto = cuda when available.")
     totalsegmentator_weights: Path | None = Field(
         default=None, description="Folder with TotalSegmentator's downloaded weights (TOTALSEG_HOME_DIR); "
         "nothing is downloaded at run time.")
     totalsegmentator_fast: bool = Field(default=False, description="The 3 mm 'fast' models.")
     sam_checkpoint: Path | None = Field(default=None, description="segment-anything / MedSAM checkpoint file.")
-    sam_model: Literal["vit_b", "vit_l", "vit_h"] = "vit_b"
+    sam_model: Literal["vit_b", "vit_l", "vit_h"] = Field(default="vit_b", description="Architecture of "
+                                                          "sam_checkpoint.")
     sam_min_iou: float = Field(default=0.5, ge=0, le=1, description="Keep a refined mask only if it agrees "
                                "this well with the coarse one; else keep the coarse mask (and count it).")
     sam_batch_size: int = Field(default=16, ge=1, description="Box prompts per image embedding call.")
@@ -226,7 +243,7 @@ class GroundingSettings(_Group):
                                       "instead of one per class.")
     ungrounded_sample: float = Field(default=0.1, ge=0, le=1, description="Share of slices without a "
                                      "grounded pair kept for the report and VQA tasks (seeded).")
-    seed: int = Field(default=0, ge=0)
+    seed: int = Field(default=0, ge=0, description="Seeds the ungrounded sample.")
     overlays: int = Field(default=0, ge=0, description="PNG overlays to write per drop (radground rebuild "
                           "--overlays N).")
 
@@ -263,7 +280,8 @@ class MlflowSettings(_Group):
 
     tracking_uri: str | None = Field(default=None, description="e.g. http://mlflow:5000; unset = "
                                      "sqlite under <data_dir>/mlflow.")
-    build_experiment: str = Field(default="dataset-builds", min_length=1)
+    build_experiment: str = Field(default="dataset-builds", min_length=1, description="MLflow experiment of "
+                                  "the dataset builds.")
 
 
 # Fields that change how fast or where work runs, never what a stage produces: they stay out
@@ -301,9 +319,11 @@ class Settings(BaseSettings):
     data_dir: Path = Field(
         default=Path(".radground"),
         description="Everything the embedded default writes: object store, MLflow DB, "
-        "Prefect home, caches, logs.",
+        "Prefect home, caches, logs. A relative path is relative to the current directory.",
     )
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="INFO", description="Not read by any code yet: nothing radground prints or logs depends on it."
+    )
     rebuild_lock_timeout_s: float = Field(
         default=600.0, ge=0,
         description="A rebuild waits this long for another one on the same data_dir, then fails.",
@@ -419,7 +439,9 @@ def _describe_validation_error(exc: ValidationError, config_file: Path | str | N
         secret = any(word in name for word in ("key", "secret", "password", "token"))
         given = "<hidden>" if secret else repr(error.get("input"))
         if error["type"] == "extra_forbidden":
-            problems.append(f"{name} is not a known setting (value {given})")
+            closest = closest_setting(name)
+            hint = f"; did you mean {closest}?" if closest else ""
+            problems.append(f"{name} is not a known setting (value {given}){hint}")
         else:
             problems.append(f"{name} = {given}: {error['msg']} (env {env_name})")
     where = f" in config file {config_file} or the environment" if config_file else " in the environment"
@@ -427,3 +449,75 @@ def _describe_validation_error(exc: ValidationError, config_file: Path | str | N
         f"invalid settings{where}: " + "; ".join(problems) + ". "
         "Fix the value, or run `radground config show` to see the effective settings."
     )
+
+
+def setting_names() -> list[str]:
+    """Every setting's dotted name: top-level fields, groups, and each group's fields."""
+    names = []
+    for name, field in Settings.model_fields.items():
+        names.append(name)
+        if isinstance(field.annotation, type) and issubclass(field.annotation, _Group):
+            names.extend(f"{name}.{sub}" for sub in field.annotation.model_fields)
+    return names
+
+
+def env_name(setting: str) -> str:
+    """The environment variable of a dotted setting name: storage.backend -> RADGROUND_STORAGE__BACKEND."""
+    return ENV_PREFIX + setting.replace(".", ENV_NESTED_DELIMITER).upper()
+
+
+def closest_setting(name: str) -> str | None:
+    """The known setting nearest to a mistyped dotted name (difflib), or None if none is close."""
+    names = setting_names()
+    group, _, field = name.rpartition(".")
+    # A typo inside a known group is matched against that group's fields only: 'storage.bakend'
+    # should not suggest a field of another group that happens to look alike.
+    pool = [n for n in names if n.rpartition(".")[0] == group] if group in names else names
+    match = difflib.get_close_matches(name, pool, n=1, cutoff=0.6)
+    return match[0] if match else None
+
+
+def unknown_env_warnings(environ: Mapping[str, str] | None = None) -> list[str]:
+    """One warning per RADGROUND_* variable that names no setting (pydantic-settings ignores those
+    silently), with the closest setting. Never the value: it may be a secret."""
+    environ = os.environ if environ is None else environ
+    known = {env_name(name): name for name in setting_names()}
+    warnings = []
+    for variable in sorted(environ):
+        upper = variable.upper()  # pydantic-settings matches names case-insensitively
+        if (not upper.startswith(ENV_PREFIX) or upper in known or upper in OTHER_ENV_VARS
+                or upper.startswith(OTHER_ENV_PREFIXES)):
+            continue
+        if upper.count(ENV_NESTED_DELIMITER) == 1 and upper.partition(ENV_NESTED_DELIMITER)[0] in known:
+            continue  # a known group with an unknown field: load_settings rejects it, naming the closest
+        # Compared without the common prefix, which would make every name look alike.
+        stripped = {name[len(ENV_PREFIX):]: name for name in known}
+        match = difflib.get_close_matches(upper[len(ENV_PREFIX):], list(stripped), n=1, cutoff=0.6)
+        if match:
+            closest = stripped[match[0]]
+            hint = (f"did you mean {closest} ({known[closest]})? A group and its field are joined by two "
+                    "underscores." if ENV_NESTED_DELIMITER in closest and ENV_NESTED_DELIMITER not in upper
+                    else f"did you mean {closest} ({known[closest]})?")
+        else:
+            hint = ("run `radground config show` for the settings; their variables are RADGROUND_<NAME> or "
+                    "RADGROUND_<GROUP>__<FIELD>.")
+        warnings.append(f"environment variable {variable} matches no setting and is ignored; {hint}")
+    return warnings
+
+
+def data_dir_origin(config_file: Path | str | None = None, environ: Mapping[str, str] | None = None) -> str:
+    """Where the effective data_dir comes from, in the words of the sources (same priority as
+    load_settings): the environment variable, the config file, or the default."""
+    environ = os.environ if environ is None else environ
+    variable = env_name("data_dir")
+    given = next((name for name in environ if name.upper() == variable), None)
+    if given is not None:
+        return f"from {given}"
+    if config_file is not None:
+        try:
+            content = yaml.safe_load(Path(config_file).read_text(encoding="utf-8"))
+        except (OSError, ValueError, yaml.YAMLError):
+            content = None  # load_settings has already said what is wrong with the file
+        if isinstance(content, dict) and "data_dir" in content:
+            return f"from config file {config_file}"
+    return "default ./.radground, relative to the current directory"

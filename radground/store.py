@@ -102,6 +102,10 @@ class ObjectStore(ABC):
     def describe(self) -> str:
         """Where the store lives, for messages and logs; never credentials."""
 
+    def has_objects(self, prefix: str) -> bool:
+        """Whether any object's key starts with ``prefix`` (a folder-like prefix ends in '/')."""
+        return next(iter(self.list(prefix)), None) is not None
+
     def put_file(self, key: str, path: Path | str) -> str:
         """Store the file at ``path`` under ``key``; return the key."""
         with open(path, "rb") as source:
@@ -463,6 +467,14 @@ class S3Store(ObjectStore):
             obj.object_name for obj in self._client.list_objects(self.bucket, full, recursive=True)
             if obj.object_name and not obj.object_name.endswith("/")])
         return iter(sorted(name[len(self.prefix):] for name in names))
+
+    def has_objects(self, prefix: str) -> bool:
+        full = self.prefix + validate_key(prefix, prefix=True)
+        self._ensure_bucket()
+        # The first object of the first listing page answers it: no need to list a whole drop.
+        return self._call("list", prefix or None, lambda: any(
+            obj.object_name and not obj.object_name.endswith("/")
+            for obj in self._client.list_objects(self.bucket, full, recursive=True)))
 
     def delete(self, key: str) -> None:
         name = self._name(key)

@@ -41,7 +41,9 @@ def write_table(store: ObjectStore, key: str, records: Sequence[BaseModel | dict
 
 
 def read_table(store: ObjectStore, key: str) -> pa.Table:
-    return pq.read_table(io.BytesIO(store.get(key)))
+    # pa.BufferReader, not io.BytesIO: reading through a Python file object left a thread that
+    # aborted the process at exit ("terminate called without an active exception", pyarrow 25).
+    return pq.read_table(pa.BufferReader(store.get(key)))
 
 
 def read_tables(store: ObjectStore, keys: Sequence[str], model: type[BaseModel]) -> pa.Table:
@@ -54,7 +56,7 @@ def read_tables(store: ObjectStore, keys: Sequence[str], model: type[BaseModel])
 
 def relabelled(data: bytes, drop_id: str) -> bytes:
     """A Parquet table of an earlier drop as this drop's: the drop_id column set to ``drop_id``."""
-    table = pq.read_table(io.BytesIO(data))
+    table = pq.read_table(pa.BufferReader(data))
     column = table.schema.get_field_index("drop_id")
     table = table.set_column(column, table.schema.field(column), pa.array([drop_id] * table.num_rows, pa.string()))
     return parquet_bytes(table)

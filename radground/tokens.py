@@ -1,4 +1,4 @@
-"""Grounding tokens: the one place that turns boxes/spans into model text and back (DOMAIN.md).
+"""Grounding tokens: the one place that turns boxes/spans into model text and back (docs/method.md).
 
 Detection:     ``<p bbox=<locX1><locY1><locX2><locY2> id=<segCCC>>keyword</p>``
 Segmentation:  ``<seg>keyword</seg>``, the i-th ``</seg>`` paired with the i-th mask in text order.
@@ -35,7 +35,7 @@ from radground.errors import TokenDecodeError
 from radground.labels import CLASS_TOKENS, NUM_CLASSES
 
 LOC_BINS = 512
-COORD_ORDER = "xy"  # the only place the order is decided: "xy" = x1,y1,x2,y2 as DOMAIN.md writes it
+COORD_ORDER = "xy"  # the only place the order is decided: "xy" = x1,y1,x2,y2 as docs/method.md writes it
 P_OPEN = "<p bbox="
 P_CLOSE = "</p>"
 SEG_OPEN = "<seg>"

@@ -1,9 +1,9 @@
-"""Generate radground/data/label_map.json: the merged 121-class label space of DOMAIN.md.
+"""Generate radground/data/label_map.json: the merged 121-class label space of docs/method.md.
 
 Ids and names come from the ``totalsegmentator`` package's own class maps — never typed
 by hand: the 117 classes of task ``total`` keep their ids; the classes of ``total_mr``
 map onto them by name, and the four MR-only classes are appended as 118-121 in the
-order DOMAIN.md fixes. Side, body region and group are derived from the names by rules.
+order docs/method.md fixes. Side, body region and group are derived from the names by rules.
 
     pip install --no-deps totalsegmentator==2.18.0   # the class maps only; no weights
     python scripts/generate_label_map.py [OUT.json]
@@ -19,7 +19,7 @@ from pathlib import Path
 from totalsegmentator.map_to_binary import class_map
 
 OUT = Path(__file__).resolve().parents[1] / "radground" / "data" / "label_map.json"
-MR_ONLY_ORDER = ("lung_left", "lung_right", "intervertebral_discs", "vertebrae")  # DOMAIN.md: 118-121
+MR_ONLY_ORDER = ("lung_left", "lung_right", "intervertebral_discs", "vertebrae")  # docs/method.md: 118-121
 
 _REGION_RULES = [  # first match wins
     (r"^vertebrae_C|^brain$|^skull$|^thyroid_gland$|^common_carotid", "head_neck"),
@@ -63,10 +63,10 @@ def build() -> list[dict]:
     total = {int(k): v for k, v in class_map["total"].items()}
     total_mr = {v: int(k) for k, v in class_map["total_mr"].items()}
     if sorted(total) != list(range(1, 118)):
-        raise SystemExit(f"task total has {len(total)} classes; DOMAIN.md expects ids 1..117")
+        raise SystemExit(f"task total has {len(total)} classes; docs/method.md expects ids 1..117")
     mr_only = [name for name in total_mr if name not in total.values()]
     if sorted(mr_only) != sorted(MR_ONLY_ORDER):
-        raise SystemExit(f"MR-only classes are {mr_only}; DOMAIN.md expects {list(MR_ONLY_ORDER)}")
+        raise SystemExit(f"MR-only classes are {mr_only}; docs/method.md expects {list(MR_ONLY_ORDER)}")
     names = [(i, total[i], "total") for i in sorted(total)]
     names += [(118 + k, name, "total_mr") for k, name in enumerate(MR_ONLY_ORDER)]
     return [

@@ -1,1 +1,1 @@
-"""Units of work: plain functions first, Prefect tasks second (see ARCHITECTURE.md)."""
+"""Units of work: plain functions first, Prefect tasks second (see docs/architecture.md)."""

@@ -59,6 +59,21 @@ def quiet_dicom() -> Iterator[None]:
 
 
 # ----------------------------------------------------------------------------- reading a drop
+def missing_prefix_message(location: str, settings: Settings) -> str:
+    """Why ``store:PREFIX`` names no drop: where it was looked for, PREFIX being relative to storage.prefix."""
+    prefix = location[len(STORE_SCHEME):].strip("/") + "/"
+    storage = settings.storage
+    if storage.backend == "s3":
+        where = f"bucket {storage.bucket}, storage.prefix {storage.prefix!r}"
+        looked = f"s3://{storage.bucket}/{storage.prefix}{prefix}"
+    else:  # the local backend has no storage.prefix: PREFIX is a folder under the store root
+        where = f"local store {settings.store_root.absolute()}"
+        looked = str(settings.store_root.absolute() / prefix)
+    return (f"drop {location}: no such prefix in the object store ({where}): nothing is stored under {looked}. "
+            "store:PREFIX is relative to storage.prefix (env RADGROUND_STORAGE__PREFIX); check the PREFIX and "
+            "storage.prefix, or upload the drop there first.")
+
+
 class DropReader:
     """Lists and reads the files of a drop: a local folder, or ``store:PREFIX`` in the object store."""
 
@@ -68,6 +83,8 @@ class DropReader:
         if location.startswith(STORE_SCHEME):
             self._prefix = location[len(STORE_SCHEME):].strip("/") + "/"
             self._root = None
+            if not open_store(settings).has_objects(self._prefix):
+                raise DropError(missing_prefix_message(location, settings))
         else:
             self._root = Path(location)
             if not self._root.is_dir():
@@ -77,8 +94,7 @@ class DropReader:
     def available(location: str, settings: Settings) -> bool:
         """Can the drop at ``location`` still be read (a folder that exists, or a store prefix with files)?"""
         if location.startswith(STORE_SCHEME):
-            prefix = location[len(STORE_SCHEME):].strip("/") + "/"
-            return next(iter(open_store(settings).list(prefix)), None) is not None
+            return open_store(settings).has_objects(location[len(STORE_SCHEME):].strip("/") + "/")
         return Path(location).is_dir()
 
     def list_files(self) -> list[str]:
@@ -92,6 +108,18 @@ class DropReader:
         """A cheap listing fingerprint (path, size, mtime) of a local drop; None for a store drop,
         whose listing does not show changes, so it is always re-hashed."""
         return listing_fingerprint(self._root, files) if self._root is not None else None
+
+    def check_inputs(self) -> None:
+        """What can be told about the drop without reading it, before any runtime starts (no Prefect,
+        no Ray, no key): it holds files, and reports.csv at its top. Stops at the first file found."""
+        if self.exists(REPORTS_FILE):
+            return
+        # (an empty store prefix is refused when the reader is made: "no such prefix")
+        if self._root is not None and next((p for p in self._root.rglob("*") if p.is_file()), None) is None:
+            raise DropError(f"drop {self.location}: the folder is empty (no file in it or below it). Pass the "
+                            "folder the hospital delivered: reports.csv at its top, DICOM files anywhere below "
+                            "(see README, 'The drop format'), or let the copy finish first.")
+        raise missing_reports_error(self.location)
 
     def read(self, relative: str) -> bytes:
         if self._root is not None:
@@ -271,8 +299,7 @@ def read_reports(reader: DropReader, drop_id: str, declared_encoding: str | None
     The delimiter is whichever of comma, semicolon or tab splits the header into the columns.
     """
     if not reader.exists(REPORTS_FILE):
-        raise DropError(f"drop {reader.location}: no {REPORTS_FILE} at its top. Every drop carries one "
-                        "(see README, 'The drop format'); an empty table with the header row is allowed.")
+        raise missing_reports_error(reader.location)
     text, encoding = decode_reports(reader.read(REPORTS_FILE), declared_encoding, reader.location)
     delimiter = _delimiter(text, reader.location)
     table = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
@@ -296,6 +323,27 @@ def read_reports(reader: DropReader, drop_id: str, declared_encoding: str | None
                                              reason="invalid_report_row", source_sha256=digest,
                                              detail=f"reports.csv row invalid in column(s) {', '.join(fields)}"))
     return ReportsTable(rows, rejected, encoding, delimiter)
+
+
+def missing_reports_error(location: str) -> DropError:
+    return DropError(f"drop {location}: no {REPORTS_FILE} at its top. Every drop carries one (see README, "
+                     "'The drop format'); an empty table with the header row is allowed. Pass the drop's top "
+                     f"folder, or add its {REPORTS_FILE} there.")
+
+
+def canonical_location(location: str) -> str:
+    """One spelling per drop: an absolute folder path (``drops/a``, ``drops/a/`` and ``./drops/a``
+    are one drop, and the registry still finds it from another directory), or ``store:PREFIX``
+    without outer slashes."""
+    if location.startswith(STORE_SCHEME):
+        return STORE_SCHEME + location[len(STORE_SCHEME):].strip("/")
+    return str(Path(location).expanduser().resolve())
+
+
+def check_drops(locations: Sequence[str], settings: Settings) -> None:
+    """Reject a missing or empty drop, or one without reports.csv, before anything starts."""
+    for location in locations:
+        DropReader(location, settings).check_inputs()
 
 
 def decode_reports(data: bytes, declared: str | None, location: str) -> tuple[str, str]:

@@ -1,6 +1,6 @@
 """Ground report keywords on slices: keep a (keyword, class) pair where the class is mentioned AND present.
 
-DOMAIN.md: per slice, the set intersection of the classes the report's keywords map to and
+docs/method.md: per slice, the set intersection of the classes the report's keywords map to and
 the classes the slice's segmentation shows; boxes come from the per-class mask of the slice.
 Unlike the reference code, EVERY pair is kept: "Lunge beidseits" carries two keywords on one
 span (lung_left, lung_right), and a slice showing both lungs yields two rows.

@@ -83,6 +83,7 @@ def finish_ground(drop_id: str, outcomes: Sequence[GroundOutcome], image_keys: S
     if settings.grounding.overlays:
         summary["overlays"] = [str(p) for p in write_overlays(drop_id, groundings, image_keys, settings,
                                                                 settings.grounding.overlays)]
+        summary["overlays_requested"] = settings.grounding.overlays
     store.put(prefix + "summary.json", json.dumps(summary, indent=1, sort_keys=True).encode())
     return summary
 
@@ -92,15 +93,43 @@ def summary_line(summary: dict) -> str:
     line = (f"ground {summary['drop_id']}: {summary['grounded_pairs']} grounded pairs on "
             f"{summary['grounded_slices']} slices (+{summary['ungrounded_slices_sampled']} ungrounded sampled), "
             f"{summary['mentions_grounded_on_both_sides']} mentions on both sides; top classes: {top or 'none'}")
-    if summary["overlays"]:
-        line += f"; overlays in {Path(summary['overlays'][0]).parent}"
-    return line
+    return line + overlays_note(summary)
+
+
+def overlays_note(summary: dict) -> str:
+    """What became of the overlays asked for: where they are, or why there are none."""
+    if summary.get("overlays"):  # those still there: a summary may be older than a clean-up
+        there = [Path(p) for p in summary["overlays"] if Path(p).is_file()]
+        return f"; {len(there)} overlays in {there[0].parent}" if there else ""
+    if summary.get("overlays_requested"):
+        return "; no overlays: no slice of this drop is grounded"
+    return ""
+
+
+def overlays_from_store(drop_id: str, image_keys: Sequence[str], settings: Settings, count: int) -> list[Path]:
+    """Overlays of a drop whose ground stage is current (``rebuild --overlays N`` on a built drop):
+    drawn from the stored grounding, images and masks; PNGs already there are not drawn again."""
+    store = open_store(settings)
+    key = f"{STAGE}/{drop_id}/grounding.parquet"
+    if not store.exists(key):
+        return []
+    groundings = [GroundingRecord.model_validate(r) for r in read_table(store, key).to_pylist()]
+    chosen = _overlay_choice(groundings, count)
+    folder = settings.data_dir / "overlays" / drop_id
+    paths = [folder / f"{image_id}.png" for image_id in chosen]
+    if all(p.is_file() for p in paths):
+        return paths
+    return write_overlays(drop_id, groundings, image_keys, settings, count)
+
+
+def _overlay_choice(groundings: Sequence[GroundingRecord], count: int) -> list[str]:
+    return sorted({g.image_id for g in groundings})[:count]
 
 
 def write_overlays(drop_id: str, groundings: Sequence[GroundingRecord], image_keys: Sequence[str],
                    settings: Settings, count: int) -> list[Path]:
     """PNG overlays of the first ``count`` grounded slices under <data_dir>/overlays/<drop_id>/."""
-    chosen = sorted({g.image_id for g in groundings})[:count]
+    chosen = _overlay_choice(groundings, count)
     if not chosen:
         return []
     store = open_store(settings)

@@ -253,7 +253,10 @@ def read_reports(drop_id: str, settings: Settings) -> list[ReportRecord]:
 
 @dataclass(frozen=True)
 class IngestSummary:
-    """Counts of one drop's ingest; files_in always equals slices + files_quarantined."""
+    """Counts of one drop's ingest. Files and reports.csv rows are counted apart, each adding up:
+    files_in = slices + files_quarantined (by ``file_reasons``), reports_in = reports +
+    reports_quarantined (by ``report_reasons``). A study without a report is one more quarantine row
+    (``study_reasons``) whose files are already counted under files."""
 
     drop_id: str
     files_in: int
@@ -263,20 +266,43 @@ class IngestSummary:
     reports_in: int
     reports: int
     reports_quarantined: int
-    quarantine_reasons: dict[str, int]
+    quarantine_reasons: dict[str, int]  # every quarantine row of ingest (files, reports, studies) by reason
     mask_files: int = 0
     series_reused: int = 0  # identical to a series of an earlier drop: copied, not extracted again
     reports_encoding: str = ""  # how reports.csv was decoded: declared in drop.yaml, or detected
+    # By item, so that each printed line adds up. Empty in summaries written before they existed.
+    file_reasons: dict[str, int] = field(default_factory=dict)
+    report_reasons: dict[str, int] = field(default_factory=dict)
+    study_reasons: dict[str, int] = field(default_factory=dict)
+
+    def lines(self) -> list[str]:
+        """The summary as printed: one line for files, one for reports.csv rows, one for studies."""
+        split = bool(self.file_reasons or self.report_reasons or self.study_reasons)
+
+        def reasons(counts: dict[str, int]) -> str:
+            return f" ({', '.join(f'{n} {r}' for r, n in sorted(counts.items()))})" if counts else ""
+
+        files = (f"ingest {self.drop_id}: {self.files_in} files in = {self.slices} slices + "
+                 f"{self.files_quarantined} quarantined" + (reasons(self.file_reasons) if split else "")
+                 + f"; {self.series} series"
+                 + (f" ({self.series_reused} copied from earlier drops)" if self.series_reused else "")
+                 + (f"; {self.mask_files} mask files for the imported backend (not counted in)"
+                    if self.mask_files else ""))
+        reports = (f"  reports.csv{f' (read as {self.reports_encoding})' if self.reports_encoding else ''}: "
+                   f"{self.reports_in} rows in = {self.reports} reports + {self.reports_quarantined} quarantined"
+                   + (reasons(self.report_reasons) if split else ""))
+        lines = [files, reports]
+        studies = sum(self.study_reasons.values())
+        if studies:
+            lines.append(f"  studies: {studies} quarantined{reasons(self.study_reasons)}; their files are counted "
+                         "under files")
+        if not split and self.quarantine_reasons:  # a summary from before the split: reasons of all rows
+            lines.append(f"  quarantine rows (files, reports and studies together):"
+                         f"{reasons(self.quarantine_reasons)}")
+        return lines
 
     def line(self) -> str:
-        reasons = ", ".join(f"{n} {r}" for r, n in sorted(self.quarantine_reasons.items()))
-        return (f"ingest {self.drop_id}: {self.files_in} files in = {self.slices} slices + "
-                f"{self.files_quarantined} quarantined; {self.series} series; reports {self.reports}/"
-                f"{self.reports_in} ok" + (f" (reports.csv read as {self.reports_encoding})"
-                                           if self.reports_encoding else "")
-                + (f" (quarantine: {reasons})" if reasons else "")
-                + (f"; {self.mask_files} mask files for the imported backend" if self.mask_files else "")
-                + (f"; {self.series_reused} series copied from earlier drops" if self.series_reused else ""))
+        return "\n".join(self.lines())
 
 
 def finish_ingest(plan: DropPlan, outcomes: Sequence[SeriesOutcome], reports: Sequence[ReportRecord],
@@ -290,6 +316,14 @@ def finish_ingest(plan: DropPlan, outcomes: Sequence[SeriesOutcome], reports: Se
             f"ingest {plan.drop_id}: counts do not reconcile: {plan.files_in} files in, {slices} slices, "
             f"{files_quarantined} quarantined. This is a bug; please report it with the drop id.")
     reports_quarantined = sum(1 for q in quarantine if q.item == "report")
+    if len(reports) + reports_quarantined != plan.reports_in:
+        raise RadgroundError(
+            f"ingest {plan.drop_id}: counts do not reconcile: {plan.reports_in} report rows in, {len(reports)} "
+            f"reports, {reports_quarantined} quarantined. This is a bug; please report it with the drop id.")
+
+    def by_reason(item: str) -> dict[str, int]:
+        return dict(Counter(q.reason for q in quarantine if q.item == item))
+
     summary = IngestSummary(
         drop_id=plan.drop_id, files_in=plan.files_in, slices=slices, files_quarantined=files_quarantined,
         series=sum(1 for o in outcomes if o.slices), reports_in=plan.reports_in, reports=len(reports),
@@ -297,6 +331,7 @@ def finish_ingest(plan: DropPlan, outcomes: Sequence[SeriesOutcome], reports: Se
         quarantine_reasons=dict(Counter(q.reason for q in quarantine)),
         mask_files=plan.mask_files, series_reused=sum(1 for o in outcomes if o.reused),
         reports_encoding=plan.reports_encoding,
+        file_reasons=by_reason("file"), report_reasons=by_reason("report"), study_reasons=by_reason("study"),
     )
     store = open_store(settings)
     prefix = stage_prefix(plan.drop_id)

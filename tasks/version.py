@@ -1,6 +1,6 @@
 """The version stage: immutable Parquet shards + manifest, patient-level splits, DVC.
 
-A dataset version is a folder (ARCHITECTURE.md, "Dataset version format")::
+A dataset version is a folder (docs/architecture.md, "Dataset version format")::
 
     <version>/manifest.json                 written last, atomically; its presence = complete
     <version>/<table>/part-<sha16>.parquet  content-addressed shards (sha16 = sha256[:16])

@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 from radground import __version__
 from radground.buildstate import content_sha, forget_patients, forgotten_patients, read_record, rebuild_lock
 from radground.dvc import DvcRepo
+from radground.errors import RadgroundError
 from radground.keys import load_key
 from radground.lineage import LineageRecord, record_build, write_lineage
 from radground.schemas import GroundingRecord, ImageRecord, QuarantineRecord, ReportRecord, VQARecord, arrow_schema
@@ -356,17 +357,39 @@ def summary_line(summary: dict) -> str:
             f"in {summary['version_dir']}; MLflow run {summary['mlflow_run']}; quality report {summary['data_docs']}")
 
 
-def forget(settings: Settings, pseudonym: str) -> dict:
+class ForgetError(RadgroundError):
+    """A patient cannot be forgotten as asked (found nowhere, and no pre-emptive exclusion asked for)."""
+
+
+def forget(settings: Settings, pseudonym: str, *, not_yet_delivered: bool = False) -> dict:
     """Put a patient on the exclusion list and write a new version without their rows.
+
+    A patient found in no version and no stage output is an error (nothing recorded: a mistyped
+    ID must not look forgotten) unless ``not_yet_delivered``: then the pseudonym only goes on the
+    exclusion list, so no later delivery brings them in, and no version is written.
 
     Returns {patient_pseudonym, version (the new version's summary, or None when there is no
     version yet), rows_removed per table, still_in_versions (earlier versions that hold the
-    patient: delete or supersede them), runs (MLflow runs that used those versions)}.
+    patient: delete or supersede them, or purge), runs (MLflow runs that used those versions)}.
     """
     from radground.lineage import lineage_index
+    from tasks.purge import in_stage_outputs, in_versions
 
     with rebuild_lock(settings):
+        found = bool(in_versions(settings, pseudonym)) or bool(in_stage_outputs(settings, pseudonym))
+        if not found and not not_yet_delivered:
+            raise ForgetError(
+                f"no patient with this ID/pseudonym in any version or stage output under {settings.data_dir.resolve()}"
+                ": nothing recorded. Check the ID and that deid.key is the key the data was built with; to keep a "
+                "patient who is not delivered yet out of every later version, add --not-yet-delivered.")
         forget_patients(settings, [pseudonym])
+        if not found:
+            return {"patient_pseudonym": pseudonym, "not_yet_delivered": True, "version": None, "rows_removed": {},
+                    "still_in_versions": [], "runs": [],
+                    "done": "not in any version or stage output: recorded on the exclusion list "
+                            f"({settings.data_dir.resolve() / 'state' / 'forgotten.json'}); no version written. "
+                            "Every later version leaves this patient out (a later delivery still reaches the "
+                            "stage outputs: erase it there with forget --purge)."}
         before = latest_version_dir(settings)
         if before is None:
             return {"patient_pseudonym": pseudonym, "version": None, "rows_removed": {}, "still_in_versions": [],

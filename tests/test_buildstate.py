@@ -108,3 +108,43 @@ def test_a_second_writer_waits_then_fails_naming_the_lock(settings):
     with FileLock(settings.data_dir / "rebuild.lock"), pytest.raises(
             buildstate.RebuildLockedError, match=r"rebuild\.lock \(waited 0\.2 s\)"), buildstate.rebuild_lock(quick):
         pass
+
+
+def test_the_lock_holder_names_itself_beside_the_lock_and_nothing_else(settings):
+    import json
+    import socket
+
+    sidecar = settings.data_dir / buildstate.LOCK_HOLDER_FILE
+    with buildstate.rebuild_lock(settings, command="forget"):
+        holder = json.loads(sidecar.read_text(encoding="utf-8"))
+        # pid, host, command and start time only: no path, drop, patient or argument that could be PHI
+        assert set(holder) == {"pid", "host", "command", "started_at"}
+        assert (holder["pid"], holder["host"], holder["command"]) == (os.getpid(), socket.gethostname(), "forget")
+    assert not sidecar.exists()  # released: nobody holds it
+
+
+def test_a_waiting_writer_says_whose_lock_it_waits_for_and_the_timeout_names_it_too(settings):
+    import re
+    import socket
+
+    from radground.runtime import progress_hook
+
+    quick = settings.model_copy(update={"rebuild_lock_timeout_s": 0.2})
+    notices: list[str] = []
+    host = re.escape(socket.gethostname())
+    whom = rf"the forget started at \d{{4}}-\d\d-\d\d \d\d:\d\d \S+ by pid {os.getpid()} on host {host}"
+    with (buildstate.rebuild_lock(settings, command="forget"), progress_hook(lambda *_: None, notices.append),
+          pytest.raises(buildstate.RebuildLockedError, match=rf"^{whom} holds .*rebuild\.lock \(waited 0\.2 s\)\."),
+          buildstate.rebuild_lock(quick)):
+        pass
+    assert len(notices) == 1 and re.match(rf"waiting for {whom} to finish \(lock .*rebuild\.lock; up to 0\.2 s",
+                                          notices[0]), notices
+
+
+def test_without_a_front_end_the_wait_is_a_warning_record(settings, caplog):
+    quick = settings.model_copy(update={"rebuild_lock_timeout_s": 0.1})
+    with (buildstate.rebuild_lock(settings), pytest.raises(buildstate.RebuildLockedError),
+          buildstate.rebuild_lock(quick)):
+        pass
+    assert any(r.levelname == "WARNING" and "waiting for the rebuild started at" in r.getMessage()
+               for r in caplog.records)

@@ -1,4 +1,4 @@
-"""CT windows and MR scaling against values computed by hand from DOMAIN.md's table."""
+"""CT windows and MR scaling against values computed by hand from docs/method.md's table."""
 
 import numpy as np
 import pytest

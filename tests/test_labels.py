@@ -1,4 +1,4 @@
-"""The merged 121-class label space: ids as DOMAIN.md states them, generated from totalsegmentator."""
+"""The merged 121-class label space: ids as docs/method.md states them, generated from totalsegmentator."""
 
 import importlib.util
 import json
@@ -12,7 +12,7 @@ from radground.labels import CLASS_TOKENS, NUM_CLASSES, label_map
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# DOMAIN.md's examples, typed here independently of the generated file.
+# docs/method.md's examples, typed here independently of the generated file.
 DOMAIN_IDS = {1: "spleen", 2: "kidney_right", 5: "liver", 10: "lung_upper_lobe_left", 27: "vertebrae_L5",
               51: "heart", 52: "aorta", 90: "brain", 118: "lung_left", 119: "lung_right",
               120: "intervertebral_discs", 121: "vertebrae"}

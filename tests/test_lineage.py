@@ -258,3 +258,49 @@ def test_the_tracking_uri_and_experiment_come_from_the_mlflow_settings(tmp_path,
     client = MlflowClient(tracking_uri=f"sqlite:///{server_db}")
     assert client.get_run(run_id).info.experiment_id == client.get_experiment_by_name("site-a-builds").experiment_id
     assert not (settings.data_dir / "mlflow" / "mlflow.db").exists()  # the embedded database stayed unused
+
+
+# ---------------------------------------------------------------- no false assurance (where-used, forget)
+
+
+def test_a_pseudonym_is_recognised_in_any_case_not_hashed_as_a_hospital_id(tmp_path, clean_env):
+    settings = load_settings(data_dir=tmp_path / "nokey")  # no key: a hashed value would raise
+    pseudonym = "P" + "ab12" * 5
+    assert pseudonym_for(settings, pseudonym.lower()) == pseudonym.upper()
+    assert pseudonym_for(settings, f" {pseudonym} ") == pseudonym.upper()
+
+
+def _cli(data_dir: Path, *args: str):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RADGROUND_")}
+    env |= {"RADGROUND_DATA_DIR": str(data_dir), "RADGROUND_DEID__KEY": DEID_KEY}
+    return subprocess.run([sys.executable, "-m", "radground", *args], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+def test_where_used_and_forget_of_a_patient_found_nowhere_fail_and_record_nothing(tmp_path, clean_env):
+    data_dir = tmp_path / "data"
+    known = expected_pseudonym(DEID_KEY, SOURCE_PATIENT_ID)
+    write_lineage([_rec("1", "d1", "s1", known, VERSION_A)], data_dir / "lineage" / f"{VERSION_A[:16]}.parquet")
+    exclusion = data_dir / "state" / "forgotten.json"
+    exclusion.parent.mkdir(parents=True)
+    exclusion.write_text('["P' + "0" * 20 + '"]\n')
+    before = exclusion.read_bytes()
+
+    unknown = "99999999"
+    where = _cli(data_dir, "lineage", "where-used", "--patient", unknown)
+    assert where.returncode != 0
+    assert f"no patient with this ID/pseudonym in any version under {data_dir.resolve()}" in where.stderr
+    assert unknown not in where.stdout + where.stderr  # never printed back
+
+    forgot = _cli(data_dir, "forget", "--patient", unknown)
+    assert forgot.returncode != 0 and "no patient with this ID/pseudonym" in forgot.stderr
+    assert "--not-yet-delivered" in forgot.stderr and unknown not in forgot.stdout + forgot.stderr
+    assert exclusion.read_bytes() == before  # nothing recorded
+
+    found = _cli(data_dir, "lineage", "where-used", "--patient", known.lower())  # a retyped pseudonym
+    assert found.returncode == 0, found.stderr
+    assert json.loads(found.stdout)["versions"] == [VERSION_A]

@@ -65,3 +65,58 @@ def test_nothing_is_written_to_home_and_the_ray_token_lives_under_data_dir(demo)
     token = data_dir / "ray" / "auth_token"
     assert token.is_file() and len(token.read_text(encoding="ascii")) == 64
     assert stat.S_IMODE(token.stat().st_mode) == 0o600
+
+
+def _drop_id(data_dir) -> str:
+    (folder,) = (data_dir / "store" / "ingest").iterdir()
+    return folder.name
+
+
+def test_each_summary_is_printed_once_and_no_dead_prefect_link_anywhere(demo):
+    result, _, data_dir = demo
+    flat = " ".join(result.stdout.split())
+    drop_id = _drop_id(data_dir)
+    for stage in ("ingest", "curate", "segment", "ground"):
+        assert flat.count(f"{stage} {drop_id}:") == 1, (stage, result.stdout)
+    assert flat.count("files in =") == 1 and flat.count("rows in =") == 1 and flat.count("MLflow run") == 1
+    # The embedded Prefect server stopped with the demo: its "View at http://127.0.0.1:…" link would be dead.
+    log = (data_dir / "logs" / "libraries.log").read_text(encoding="utf-8")
+    assert "View at" not in log + result.stdout + result.stderr
+    prefect, mlflow = (data_dir / "prefect").resolve(), (data_dir / "mlflow" / "mlflow.db").resolve()
+    assert f"Prefect UI on this data: PREFECT_HOME={prefect} " in flat and "server start" in flat
+    assert f"ui --backend-store-uri sqlite:///{mlflow}" in flat
+
+
+def test_a_rebuild_without_change_says_current_per_stage_and_draws_the_overlays_asked_for(demo):
+    import shutil
+
+    result, home, data_dir = demo
+    drop_id = _drop_id(data_dir)
+    shutil.rmtree(data_dir / "overlays" / drop_id)  # the demo drew 4; ask for 2 on the built drop
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RADGROUND_")}
+    env.update(HOME=str(home), RADGROUND_DATA_DIR=str(data_dir))
+    again = subprocess.run([sys.executable, "-m", "radground", "rebuild", str(data_dir / "drops" / "demo"),
+                            "--overlays", "2"], capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode == 0, again.stderr
+    flat = " ".join(again.stdout.split())
+    for stage in ("ingest", "curate", "segment", "ground"):
+        assert re.search(rf"{stage} {drop_id}: current \(built \d{{4}}-\d\d-\d\d \d\d:\d\d \S+, key [0-9a-f]{{12}}…\)",
+                         flat), (stage, again.stdout)
+    assert "files in =" not in flat and "grounded pairs" not in flat  # old summaries are not shown as new
+    pngs = list((data_dir / "overlays" / drop_id).glob("*.png"))
+    assert 1 <= len(pngs) <= 2 and f"{len(pngs)} overlays in {data_dir / 'overlays' / drop_id}" in flat
+    assert "unchanged" in flat and not (data_dir / "rebuild.lock.json").exists()
+
+
+def test_a_second_demo_keeps_its_drop_and_starts_neither_prefect_nor_ray(demo):
+    _, home, data_dir = demo
+    log = data_dir / "logs" / "libraries.log"
+    flows_before = log.read_text(encoding="utf-8").count("Beginning flow run")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RADGROUND_")}
+    env.update(HOME=str(home), RADGROUND_DATA_DIR=str(data_dir))
+    again = subprocess.run([sys.executable, "-m", "radground", "demo", "--patients", "1"], capture_output=True,
+                           text=True, env=env, timeout=300)
+    assert again.returncode == 0, again.stderr
+    flat = " ".join(again.stdout.split())
+    assert "demo drop kept:" in flat and flat.count(": current (built ") == 4 and "unchanged" in flat
+    assert log.read_text(encoding="utf-8").count("Beginning flow run") == flows_before  # no flow ran

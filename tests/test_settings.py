@@ -131,3 +131,42 @@ def test_a_broken_yaml_file_is_named_with_line_and_column_but_not_quoted(tmp_pat
                                           r"\. Fix the YAML syntax there\.") as err:
         load_settings(config)
     assert "SECRET" not in str(err.value)
+
+
+def test_misspelt_environment_variables_are_named_with_the_closest_setting():
+    from radground.settings import unknown_env_warnings
+
+    environ = {"RADGROUND_STORAGE_BACKEND": "s3", "RADGROUND_DATADIR": "/x", "RADGROUND_LLM__MODEL": "m",
+               "RADGROUND_STORAGE__BAKEND": "s3", "RADGROUND_CONFIG": "a.yaml", "RADGROUND_VENV_CACHE": "/c",
+               "RADGROUND_TEST_FAULT": "x", "RADGROUND_NOTHING_LIKE_IT": "hunter2-secret", "HOME": "/root"}
+    warnings = unknown_env_warnings(environ)
+    assert len(warnings) == 3, warnings  # a known group's unknown field is load_settings' error, not a warning
+    datadir, nothing, backend = warnings  # sorted by name
+    assert backend.startswith("environment variable RADGROUND_STORAGE_BACKEND matches no setting")
+    assert "RADGROUND_STORAGE__BACKEND (storage.backend)" in backend and "two underscores" in backend
+    assert "RADGROUND_DATA_DIR (data_dir)" in datadir
+    assert "RADGROUND_NOTHING_LIKE_IT" in nothing and "radground config show" in nothing
+    assert not any(value in " ".join(warnings) for value in ("s3", "/x", "hunter2-secret"))
+
+
+def test_unknown_setting_names_the_closest_known_one(tmp_path, monkeypatch):
+    config = tmp_path / "bad.yaml"
+    config.write_text("data_dri: /srv\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"data_dri is not a known setting .*did you mean data_dir\?"):
+        load_settings(config)
+    monkeypatch.setenv("RADGROUND_STORAGE__BAKEND", "s3")
+    with pytest.raises(ConfigError, match=r"storage\.bakend is not a known setting .*did you mean storage\.backend\?"):
+        load_settings()
+
+
+def test_data_dir_origin_follows_the_settings_priority(tmp_path):
+    from radground.settings import data_dir_origin
+
+    with_dir = tmp_path / "with.yaml"
+    with_dir.write_text("data_dir: /srv/radground\n", encoding="utf-8")
+    without = tmp_path / "without.yaml"
+    without.write_text("log_level: DEBUG\n", encoding="utf-8")
+    assert data_dir_origin(None, {}) == "default ./.radground, relative to the current directory"
+    assert data_dir_origin(without, {}).startswith("default")
+    assert data_dir_origin(with_dir, {}) == f"from config file {with_dir}"
+    assert data_dir_origin(with_dir, {"RADGROUND_DATA_DIR": "/x"}) == "from RADGROUND_DATA_DIR"  # env wins

@@ -2,7 +2,7 @@
 
 Deterministic and fast (one precompiled alternation per language; ~20,000 synthetic report
 lines/s on one CPU core), so it can label a whole drop as a baseline or a fallback for the
-LLM backend. Decisions, since DOMAIN.md leaves them open:
+LLM backend. Decisions, since docs/method.md leaves them open:
 
 - Paired structures: a side cue next to the word picks the side ("linke Niere",
   "Niere li.", "kidney, left", "Oberlappen der linken Lunge"); "beidseits"/"bds."/

@@ -28,7 +28,7 @@ from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_at
 
 from radground.settings import Settings
 from tasks.curate.base import CurationError, ExtractionFailure, Keyword, Language
-from tasks.curate.llm_cache import CacheKey, LLMCache, sentence_sha256
+from tasks.curate.llm_cache import CacheKey, LLMCache, sentence_sha256, server_id
 from tasks.curate.llm_prompts import LANGUAGES, PROMPT_VERSION, REASONS, AttemptFailed, Task, build_tasks
 
 __all__ = ["OpenAIBackend", "PROMPT_VERSION", "REASONS"]
@@ -169,7 +169,9 @@ class OpenAIBackend:
             pool.shutdown(wait=True, cancel_futures=True)  # what is in flight ends within llm.timeout_s
 
     def _key(self, task: Task, sentence: str, language: str) -> CacheKey:
-        return CacheKey(self.name, self._llm.model, task.version, task.kind, language, sentence_sha256(sentence))
+        # The server is part of the key: the same model name elsewhere may answer differently.
+        return CacheKey(self.name, server_id(self._llm.base_url), self._llm.model, task.version, task.kind, language,
+                        sentence_sha256(sentence))
 
     def _cached(self, task: Task, sentence: str, language: str) -> Any | None:
         key = self._key(task, sentence, language)

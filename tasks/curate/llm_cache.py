@@ -1,9 +1,15 @@
 """A persistent cache of validated LLM answers: SQLite in WAL mode, safe for several processes.
 
-Keyed by (backend, model, prompt version, task kind, language, sha256 of the sentence), so
-a sentence seen before costs no request, whichever run or process asked first. Only
+Keyed by (backend, server, model, prompt version, task kind, language, sha256 of the
+sentence), so a sentence seen before costs no request, whichever run or process asked first,
+and another server (llm.base_url) never gets the answers of the first one replayed: the
+same model name on two servers can be two different models or quantisations. Only
 validated successes are stored, one commit each, so an interrupted run loses at most the
 requests still in flight. Sentence text never enters a key: only its sha256 does.
+
+The cache is one SQLite file, ``<data_dir>/cache/llm.sqlite`` (with ``-wal``/``-shm`` beside it
+while open). Deleting the three files while no rebuild runs empties it; the next curate run
+asks the server again for every sentence.
 """
 
 from __future__ import annotations
@@ -14,14 +20,19 @@ import threading
 import time
 from pathlib import Path
 from typing import NamedTuple
+from urllib.parse import urlsplit
 
 import tenacity
 
 BUSY_TIMEOUT_S = 30.0  # how long a writer waits for another process's write lock
 
+# llm_results was the table before answers were keyed by server: nothing in it says which server
+# gave an answer, so none of it can be trusted for a given server and it is dropped on open.
+_RETIRED = "DROP TABLE IF EXISTS llm_results"
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS llm_results (
+CREATE TABLE IF NOT EXISTS llm_answers (
     backend TEXT NOT NULL,
+    server TEXT NOT NULL,
     model TEXT NOT NULL,
     prompt_version TEXT NOT NULL,
     kind TEXT NOT NULL,
@@ -29,18 +40,30 @@ CREATE TABLE IF NOT EXISTS llm_results (
     sentence_sha256 TEXT NOT NULL,
     result TEXT NOT NULL,
     created_at REAL NOT NULL,
-    PRIMARY KEY (backend, model, prompt_version, kind, language, sentence_sha256)
+    PRIMARY KEY (backend, server, model, prompt_version, kind, language, sentence_sha256)
 ) WITHOUT ROWID
 """
 
 
 class CacheKey(NamedTuple):
     backend: str  # "openai"
+    server: str  # server_id(llm.base_url), e.g. "http://127.0.0.1:8000/v1"
     model: str  # llm.model, e.g. "gpt-oss-120b"
     prompt_version: str  # PROMPT_VERSION plus a digest of the rendered prompt
     kind: str  # "extract" | "translate" | "vqa"
     language: str  # the sentence's language ("de" | "en")
     sentence_sha256: str
+
+
+def server_id(base_url: str) -> str:
+    """The cache's name for an LLM server: its API root without user:password (a key on disk must
+    not hold a secret) and with a lower-case scheme and host, so one server has one name."""
+    parts = urlsplit(base_url)
+    host = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
+    return f"{parts.scheme.lower()}://{host}{parts.path.rstrip('/')}"
+
+
+_WHERE_KEY = " AND ".join(f"{name}=?" for name in CacheKey._fields)
 
 
 def sentence_sha256(sentence: str) -> str:
@@ -68,6 +91,7 @@ def _open_with_retry(path: Path) -> sqlite3.Connection:
         if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
             conn.execute("PRAGMA journal_mode=WAL")  # persistent in the file; readers never block the writer
         conn.execute("PRAGMA synchronous=NORMAL")  # durable across a process crash; it is a cache
+        conn.execute(_RETIRED)
         conn.execute(_SCHEMA)
     except BaseException:
         conn.close()
@@ -94,19 +118,17 @@ class LLMCache:
         """The stored JSON text for a key, or None."""
         with self._lock:
             row = self._connection().execute(
-                "SELECT result FROM llm_results WHERE backend=? AND model=? AND prompt_version=? "
-                "AND kind=? AND language=? AND sentence_sha256=?", tuple(key)).fetchone()
+                f"SELECT result FROM llm_answers WHERE {_WHERE_KEY}", tuple(key)).fetchone()
         return None if row is None else row[0]
 
     def put(self, key: CacheKey, result: str) -> None:
         """Store (and commit at once) one validated JSON answer."""
-        self._write("INSERT OR REPLACE INTO llm_results VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        self._write("INSERT OR REPLACE INTO llm_answers VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (*key, result, time.time()))
 
     def delete(self, key: CacheKey) -> None:
         """Forget one answer (a stored answer that no longer validates)."""
-        self._write("DELETE FROM llm_results WHERE backend=? AND model=? AND prompt_version=? "
-                    "AND kind=? AND language=? AND sentence_sha256=?", tuple(key))
+        self._write(f"DELETE FROM llm_answers WHERE {_WHERE_KEY}", tuple(key))
 
     @_retry_when_locked
     def _write(self, sql: str, params: tuple) -> None:
@@ -124,7 +146,7 @@ class LLMCache:
 
     def __len__(self) -> int:
         with self._lock:
-            return self._connection().execute("SELECT COUNT(*) FROM llm_results").fetchone()[0]
+            return self._connection().execute("SELECT COUNT(*) FROM llm_answers").fetchone()[0]
 
     def close(self) -> None:
         with self._lock:

@@ -223,8 +223,11 @@ def read_curated(drop_id: str, settings: Settings) -> list[ReportRecord]:
 def summary_line(summary: dict) -> str:
     coverage = ", ".join(f"{n} {lang}" for lang, n in summary["language_coverage"].items())
     translated = summary["translation"]
+    reasons = summary.get("quarantine_reasons") or {}  # sentences (keywords_*), VQA items, leaks: by reason
     return (f"curate {summary['drop_id']}: {summary['reports']} reports, {summary['sentences']} sentences "
             f"({summary['sentences_quarantined']} quarantined), {summary['keywords']} keywords, "
             f"{summary['vqa_items']} vqa items; language coverage: {coverage} sentences"
             + ("" if "translated" in translated or "partial" in translated
-               else " (translation unavailable with this backend)"))
+               else " (translation unavailable with this backend)")
+            + (f"; {sum(reasons.values())} rows quarantined ("
+               + ", ".join(f"{n} {r}" for r, n in sorted(reasons.items())) + ")" if reasons else ""))

@@ -1,4 +1,4 @@
-"""Templated VQA items (DOMAIN.md): per study from the report's sentences, per slice from its mask.
+"""Templated VQA items (docs/method.md): per study from the report's sentences, per slice from its mask.
 
 Pure functions, no I/O, deterministic. A study item is answerable from ONE report sentence (its
 ``source_sentence``): "yes" needs a finding cue (Läsion, cyst, Erguss ...) owned by the keyword

@@ -99,7 +99,7 @@ def box_probabilities(predictor, boxes: np.ndarray, size: tuple[int, int]) -> np
     transformed = predictor.transform.apply_boxes_torch(boxes_t, size)  # slice pixels -> SAM input frame
     logits, _, _ = predictor.predict_torch(point_coords=None, point_labels=None, boxes=transformed,
                                            multimask_output=False, return_logits=True)  # (B, 1, H, W)
-    # Probabilities, not logits (DOMAIN.md): they are bounded and comparable across classes, so
+    # Probabilities, not logits (docs/method.md): they are bounded and comparable across classes, so
     # they also settle overlaps below; thresholding raw logits at 0.5 (the reference code's bug)
     # would silently mean p >= 0.62.
     return torch.sigmoid(logits[:, 0].float()).cpu().numpy()

@@ -198,7 +198,8 @@ def handoff(outcomes: Sequence[SegmentOutcome]) -> dict:
 
 def summary_line(summary: dict) -> str:
     top = ", ".join(f"{name} {n}" for name, n in list(summary["class_slices"].items())[:5])
-    return (f"segment {summary['drop_id']}: {summary['series_segmented']}/{summary['series']} series, "
+    reasons = ", ".join(f"{n} {r}" for r, n in sorted(summary["quarantine_reasons"].items()))
+    return (f"segment {summary['drop_id']}: {summary['series_segmented']}/{summary['series']} series segmented, "
             f"{summary['slices']} slices with {summary['backend']}; class slices: {top or 'none'}"
             + (f"; {summary['series_reused']} series copied from earlier drops" if summary.get("series_reused") else "")
-            + (f"; quarantined: {summary['quarantine_reasons']}" if summary["quarantine_reasons"] else ""))
+            + (f"; {summary.get('series_quarantined', 0)} series quarantined ({reasons})" if reasons else ""))

@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from flows.rebuild import run_rebuild
+from radground.runtime import progress_hook
 from radground.settings import load_settings
 from radground.store import open_store
 from radground.synth.drop import generate_drop
@@ -54,8 +55,13 @@ def rebuilt(tmp_path_factory):
     truth = json.loads(first.truth_path.read_text(encoding="utf-8"))
     returning = _second_drop_with_a_returning_patient(first.drop_dir, truth, root / "drop-b")
     settings = load_settings(data_dir=root / "data", ray={"num_cpus": 2})
-    results = run_rebuild([str(first.drop_dir), str(root / "drop-b")], settings)
+    progress.clear()
+    with progress_hook(lambda stage, done, total: progress.append((stage, done, total))):
+        results = run_rebuild([str(first.drop_dir), str(root / "drop-b")], settings)
     return root, truth, returning, settings, results
+
+
+progress: list[tuple[str, int, int]] = []  # what the CLI's bar was fed during the module's rebuild
 
 
 def _images(settings, drop_id: str) -> list[dict]:
@@ -288,8 +294,6 @@ def test_datasets_and_lineage_commands_answer_by_pseudonym_only(rebuilt):
 
 
 def test_a_second_rebuild_on_the_same_data_dir_waits_then_fails_clearly(tmp_path):
-    import time
-
     from filelock import FileLock
 
     from flows.rebuild import RebuildLockedError
@@ -297,9 +301,40 @@ def test_a_second_rebuild_on_the_same_data_dir_waits_then_fails_clearly(tmp_path
     drop = generate_drop(tmp_path / "drop", patients=1, seed=2)
     settings = load_settings(data_dir=tmp_path / "data", rebuild_lock_timeout_s=0.5)
     settings.data_dir.mkdir(parents=True)
-    with FileLock(settings.data_dir / "rebuild.lock"):  # a rebuild in progress
-        started = time.monotonic()
-        with pytest.raises(RebuildLockedError, match=r"another rebuild holds .*rebuild\.lock \(waited 0\.5 s\)"):
-            run_rebuild([str(drop.drop_dir)], settings)
-        assert time.monotonic() - started < 5  # refused before Prefect or Ray started
-    assert not (settings.data_dir / "prefect").exists()
+    # a rebuild in progress (one that left no note of who it is)
+    with FileLock(settings.data_dir / "rebuild.lock"), pytest.raises(
+            RebuildLockedError, match=r"another rebuild or forget holds .*rebuild\.lock \(waited 0\.5 s\)"):
+        run_rebuild([str(drop.drop_dir)], settings)
+    assert not (settings.data_dir / "prefect").exists()  # refused before Prefect or Ray started
+
+
+def test_every_stage_reports_its_progress_to_the_front_end(rebuilt):
+    _, _, _, _, results = rebuilt
+    stages = [stage for stage, _, _ in progress]
+    for stage in ("scan: files", "ingest: series", "curate: reports", "segment: series", "ground: reports"):
+        counted = [(done, total) for name, done, total in progress if name == stage]
+        assert len(counted) >= 2 * len(results), (stage, counted)  # per drop: 0 of N, ..., N of N
+        assert counted[-1][0] == counted[-1][1] > 0  # the last drop's stage finished all it counted
+    assert stages[-1] == "quality + version"  # the last, long step is announced, not a frozen bar
+    assert stages.index("starting Prefect + Ray") < stages.index("scan: files")
+    ingest_total = sum(total for name, done, total in progress if name == "ingest: series" and done == 0)
+    assert ingest_total == sum(r.ingest.series for r in results)
+
+
+def test_a_rebuild_without_change_says_current_and_draws_the_overlays_asked_for(rebuilt):
+    """Run last in this module: no stage runs (no Prefect, no Ray), and overlays are asked for
+    although the overlay count is no stage setting (the built drops' ground stages stay current)."""
+    root, _, _, settings, results = rebuilt
+    assert not (settings.data_dir / "overlays").exists()  # the module's rebuild asked for none
+    with_overlays = settings.model_copy(update={"grounding": settings.grounding.model_copy(update={"overlays": 2})})
+    again = run_rebuild([str(root / "drop-a"), str(root / "drop-b")], with_overlays)
+    assert all(r.cached for r in again)
+    for result in again:
+        lines = result.lines()
+        assert len(lines) == 4 and all(": current (built " in line and ", key " in line for line in lines), lines
+        assert not any("files in" in line or "grounded pairs" in line for line in lines)  # no old summary
+    a = again[0]
+    pngs = sorted((settings.data_dir / "overlays" / a.ingest.drop_id).glob("*.png"))
+    assert len(pngs) == 2 and [str(p) for p in pngs] == sorted(a.ground["overlays"])
+    assert f"2 overlays in {pngs[0].parent}" in a.lines()[-1]
+

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +23,7 @@ from radground.settings import load_settings
 from radground.store import open_store
 from radground.synth.drop import generate_drop
 from radground.tables import read_table
-from tasks import discover
+from tasks import discover, ingest
 
 KEY = "k" * 40  # a fixed test key: pseudonyms are reproducible inside a test
 
@@ -264,3 +266,58 @@ def test_work_is_cut_into_balanced_batches_and_whole_series_shards():
     assert loads == [31, 31]  # largest first onto the lighter group: 30 + 1 | 12 + 10 + 9
     assert sorted(p.series_uid for shard in shards for p in shard) == ["a", "b", "c", "d", "e"]
     assert len(discover.shard_series(plans[:1], 4)) == 1
+
+
+_COUNTS = re.compile(r"(\d+) (?:files|rows) in = (\d+) (?:slices|reports) \+ (\d+) quarantined(?: \(([^)]*)\))?")
+
+
+def _by_reason(text: str | None) -> dict[str, int]:
+    return {reason: int(n) for n, reason in (part.split(" ", 1) for part in text.split(", "))} if text else {}
+
+
+def test_the_summary_prints_files_and_report_rows_apart_and_every_line_adds_up(synthetic):
+    result, truth, settings, plan, summary = synthetic
+    files, reports, studies = summary.lines()
+    for line in (files, reports):  # "in = kept + quarantined (n reason, ...)", each as printed
+        total, kept, quarantined, reasons = _COUNTS.search(line).groups()
+        assert int(total) == int(kept) + int(quarantined) == sum((int(kept), *_by_reason(reasons).values()))
+    assert "files in" in files and "orphan_report" not in files and "invalid_report_row" not in files
+    assert "rows in" in reports and "orphan_study" not in reports and "truncated" not in reports
+    assert _by_reason(_COUNTS.search(reports).group(4)) == {"orphan_report": len(truth["orphan_reports"])}
+    # a study without a report is its own row; its files are counted (once) on the files line
+    assert f"studies: {len(truth['studies_without_report'])} quarantined " in studies
+    rows = quarantine_rows(settings, summary.drop_id)
+    assert _by_reason(_COUNTS.search(files).group(4)) == dict(Counter(r["reason"] for r in rows if r["item"] == "file"))
+
+
+def test_a_summary_written_before_the_split_still_prints_without_claiming_a_split():
+    old = ingest.IngestSummary(drop_id="d", files_in=3, slices=1, files_quarantined=2, series=1, reports_in=2,
+                               reports=1, reports_quarantined=1,
+                               quarantine_reasons={"not_dicom": 2, "orphan_report": 1})
+    text = old.line()
+    assert "3 files in = 1 slices + 2 quarantined; 1 series" in text
+    assert "2 rows in = 1 reports + 1 quarantined\n" in text
+    assert text.endswith("quarantine rows (files, reports and studies together): (2 not_dicom, 1 orphan_report)")
+
+
+def test_an_empty_drop_or_one_without_reports_csv_is_refused_before_it_is_read(tmp_path, s3_server):
+    settings = settings_for(tmp_path)
+    empty = tmp_path / "empty"
+    (empty / "sub").mkdir(parents=True)  # folders, but no file
+    with pytest.raises(discover.DropError, match=r"drop .*empty: the folder is empty .* reports\.csv at its top"):
+        discover.check_drops([str(empty)], settings)
+    (empty / "sub" / "a.dcm").write_bytes(b"x")
+    with pytest.raises(discover.DropError, match=r"no reports\.csv at its top.*add its reports\.csv there"):
+        discover.check_drops([str(empty)], settings)
+    (empty / "reports.csv").write_text("accession_number,patient_id,study_date,language,report_text\n")
+    discover.check_drops([str(empty)], settings)  # a header-only table is a valid (empty) drop
+    with pytest.raises(discover.DropError, match="no such folder"):
+        discover.check_drops([str(tmp_path / "missing")], settings)
+    assert not (settings.data_dir / "secrets").exists()  # refused before a key was generated
+
+    s3 = load_settings(data_dir=tmp_path / "data", deid={"key": KEY}, storage={
+        "backend": "s3", "endpoint": s3_server, "bucket": "ingest-check-drop", "access_key": "testing",
+        "secret_key": "testing", "max_attempts": 2, "backoff_s": 0.01})
+    open_store(s3).put("drops/site/a.dcm", b"x")
+    with pytest.raises(discover.DropError, match=r"no reports\.csv at its top"):
+        discover.check_drops(["store:drops/site"], s3)

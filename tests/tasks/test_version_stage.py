@@ -75,3 +75,51 @@ def test_forgetting_rewrites_only_the_shards_that_hold_the_patient(tmp_path):
     assert parts.reuse["images"] == a.shards["images"][1:]
     kept = rewritten.num_rows + sum(s.rows for s in parts.reuse["images"])
     assert kept == 11
+
+
+# ------------------------------------------------------------------------------- forget: no false assurance
+def _settings(tmp_path):
+    from radground.settings import load_settings
+
+    return load_settings(data_dir=tmp_path / "data", deid={"key": "forget-unit-test-key-0123456789abcdef"})
+
+
+def test_forgetting_a_patient_found_nowhere_is_an_error_and_records_nothing(tmp_path, clean_env):
+    import pytest
+
+    from radground.buildstate import forgotten_patients
+    from tasks.version_stage import ForgetError, forget
+
+    settings = _settings(tmp_path)
+    with pytest.raises(ForgetError, match="no patient with this ID/pseudonym in any version or stage output") as caught:
+        forget(settings, "P" + "0" * 20)
+    assert "--not-yet-delivered" in str(caught.value)
+    assert not forgotten_patients(settings) and not (settings.data_dir / "state" / "forgotten.json").exists()
+
+
+def test_a_patient_not_yet_delivered_is_only_put_on_the_exclusion_list(tmp_path, clean_env):
+    from radground.buildstate import forgotten_patients
+    from tasks.version_stage import forget
+
+    settings = _settings(tmp_path)
+    result = forget(settings, "P" + "0" * 20, not_yet_delivered=True)
+    assert result["version"] is None and result["not_yet_delivered"] is True
+    assert "recorded on the exclusion list" in result["done"] and "no version written" in result["done"]
+    assert forgotten_patients(settings) == {"P" + "0" * 20}
+    assert not (settings.data_dir / "versions").exists()
+
+
+def test_a_patient_delivered_but_not_yet_versioned_counts_as_found(tmp_path, clean_env):
+    from radground.buildstate import forgotten_patients
+    from radground.schemas import ImageRecord
+    from radground.store import open_store
+    from radground.tables import write_table
+    from tasks.version_stage import forget
+
+    settings = _settings(tmp_path)
+    patient = "P" + "C" * 20
+    write_table(open_store(settings), "ingest/D/images/2.25.8.parquet", [image(0, patient=patient, drop="D")],
+                ImageRecord)
+    result = forget(settings, patient)  # no flag needed: the patient is in a stage output
+    assert result["version"] is None and "not_yet_delivered" not in result
+    assert forgotten_patients(settings) == {patient}

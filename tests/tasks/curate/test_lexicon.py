@@ -1,6 +1,6 @@
 """Tests for tasks/curate/lexicon.py and radground/lexicon.py: a hand-labelled sentence table.
 
-Every expectation below was written by hand from the rules in DOMAIN.md and the decisions
+Every expectation below was written by hand from the rules in docs/method.md and the decisions
 in the tasks/curate/lexicon.py docstring (unsided paired organ -> both sides, side cue
 inside the span, compounds as whole words, spans never end in ".", generic ribs -> none),
 never by running the extractor. Sentences the backend is known to get wrong sit in

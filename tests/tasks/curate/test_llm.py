@@ -21,7 +21,7 @@ from tenacity import RetryCallState
 from radground.settings import load_settings
 from tasks.curate.base import CurationError, ExtractionFailure, Keyword, KeywordExtractor, check_keyword
 from tasks.curate.llm import PROMPT_VERSION, OpenAIBackend
-from tasks.curate.llm_cache import CacheKey, LLMCache
+from tasks.curate.llm_cache import CacheKey, LLMCache, server_id
 from tasks.curate.llm_prompts import (
     EXTRACT_EXAMPLES,
     REASONS,
@@ -242,9 +242,10 @@ def test_second_run_is_served_from_the_cache(llm_server, make_backend, tmp_path)
     assert again.stats["cache_hits"] == 3 and again.stats["cache_misses"] == 0 and again.stats["requests"] == 0
     with sqlite3.connect(tmp_path / "cache" / "llm.sqlite") as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        rows = conn.execute("SELECT backend, model, prompt_version, kind, language FROM llm_results").fetchall()
-    assert len(rows) == 3 and all(r[:2] == ("openai", "stub-model") and r[3:] == ("extract", "de") for r in rows)
-    assert all(r[2].startswith(PROMPT_VERSION) for r in rows)
+        rows = conn.execute("SELECT backend, model, prompt_version, kind, language, server FROM llm_answers"
+                            ).fetchall()
+    assert len(rows) == 3 and all(r[:2] == ("openai", "stub-model") and r[3:5] == ("extract", "de") for r in rows)
+    assert all(r[2].startswith(PROMPT_VERSION) and r[5] == llm_server.url.rstrip("/") for r in rows)
 
 
 def test_cache_key_holds_model_task_and_language(llm_server, make_backend):
@@ -252,6 +253,38 @@ def test_cache_key_holds_model_task_and_language(llm_server, make_backend):
     make_backend(llm_server, model="other-model").extract([AORTA], "en")  # another model: asked again
     make_backend(llm_server).extract([AORTA], "de")  # another language: asked again
     assert llm_server.requests == 3
+
+
+def test_another_server_with_the_same_model_name_is_asked_not_replayed(llm_server, make_backend):
+    """llm.base_url is part of the key: a second server's answers are its own, the first's stay cached."""
+    with StubLLMServer(responder=lambda messages: (200, keywords_answer([]))) as other:
+        assert make_backend(llm_server).extract([AORTA], "en")[0][0].class_name == "aorta"
+        assert make_backend(other).extract([AORTA], "en") == [[]]  # its own answer, not the cached one
+        assert other.requests == 1
+        assert make_backend(llm_server).extract([AORTA], "en")[0][0].class_name == "aorta"  # still cached
+        assert make_backend(other).extract([AORTA], "en") == [[]]
+    assert llm_server.requests == 1 and other.requests == 1
+
+
+def test_server_id_keeps_no_credentials_and_names_one_server_once():
+    assert server_id("http://user:s3cret@LLM.example.org:8000/v1/") == "http://llm.example.org:8000/v1"
+    assert server_id("HTTP://llm.example.org/v1") == "http://llm.example.org/v1"
+    assert server_id("http://127.0.0.1:8000/v1") != server_id("http://127.0.0.1:8001/v1")
+
+
+def test_answers_cached_before_keys_named_the_server_are_dropped(tmp_path):
+    """A cache written before the server was in the key cannot say whose answers it holds."""
+    path = tmp_path / "cache" / "llm.sqlite"
+    path.parent.mkdir()
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE llm_results (backend TEXT, model TEXT, prompt_version TEXT, kind TEXT, "
+                     "language TEXT, sentence_sha256 TEXT, result TEXT, created_at REAL)")
+        conn.execute("INSERT INTO llm_results VALUES ('openai', 'm', 'v', 'extract', 'en', 'x', '{}', 0)")
+    cache = LLMCache(path)
+    assert len(cache) == 0
+    tables = {row[0] for row in cache._connection().execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    cache.close()
+    assert tables == {"llm_answers"}
 
 
 def test_interrupted_run_resumes_with_the_missing_sentences(llm_server, make_backend, tmp_path):
@@ -424,7 +457,7 @@ def test_fenced_json_and_bare_lists_are_accepted():
 def _fill(path: str, worker: int) -> None:
     cache = LLMCache(Path(path))
     for i in range(60):
-        cache.put(CacheKey("openai", "m", "v", "extract", "en", f"{worker}-{i}"), '{"keywords": []}')
+        cache.put(CacheKey("openai", "http://s/v1", "m", "v", "extract", "en", f"{worker}-{i}"), '{"keywords": []}')
     cache.close()
 
 
@@ -443,7 +476,7 @@ def test_cache_takes_writes_from_several_processes(tmp_path):
 def _open_together(path: str, worker: int, start: multiprocessing.synchronize.Barrier) -> None:
     start.wait(timeout=30)
     cache = LLMCache(Path(path))
-    cache.put(CacheKey("openai", "m", "v", "extract", "en", f"{worker}"), '{"keywords": []}')
+    cache.put(CacheKey("openai", "http://s/v1", "m", "v", "extract", "en", f"{worker}"), '{"keywords": []}')
     cache.close()
 
 

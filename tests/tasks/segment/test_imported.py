@@ -23,7 +23,7 @@ from tasks.segment.imported import ImportedBackend
 
 H, W = 16, 20
 KEY = b"k" * 40
-SPLEEN, LIVER = 1, 5  # ids of the label map (DOMAIN.md)
+SPLEEN, LIVER = 1, 5  # ids of the label map (docs/method.md)
 SERIES = "1.2.826.0.1.99.2"
 # Written in this order; their z puts them in the volume as (B, C, A): file order is not slice order.
 SOPS = {"1.2.826.0.1.99.3.1": 5.0, "1.2.826.0.1.99.3.2": 0.0, "1.2.826.0.1.99.3.3": 2.5}

@@ -21,7 +21,7 @@ from radground.settings import SegmentationSettings
 from tasks.segment.base import SegmentationBackend, SegmentationError, SeriesVolume, check_mask
 from tasks.segment.totalseg import TotalSegmentatorBackend, lookup_table
 
-# total_mr id -> merged id, written out from DOMAIN.md / TotalSegmentator's class maps (not from the code).
+# total_mr id -> merged id, written out from docs/method.md / TotalSegmentator's class maps (not from the code).
 MR_TO_MERGED = {0: 0, 1: 1, 5: 5, 10: 118, 11: 119, 19: 121, 20: 120, 23: 52, 50: 90}
 CT_IDS = [0, 1, 5, 10, 27, 51, 52, 90, 117]
 
