@@ -566,7 +566,7 @@ def purge(settings: Settings, pseudonym: str, *, older: Older = "rewrite", dry_r
 
     if older not in ("rewrite", "remove"):
         raise PurgeError(f"--older {older!r}: expected rewrite or remove.")
-    with rebuild_lock(settings):
+    with rebuild_lock(settings, command="purge"):
         store = open_store(settings)
         footprint = find_patient(settings, pseudonym, store=store)
         if not footprint.found:

@@ -375,7 +375,7 @@ def forget(settings: Settings, pseudonym: str, *, not_yet_delivered: bool = Fals
     from radground.lineage import lineage_index
     from tasks.purge import in_stage_outputs, in_versions
 
-    with rebuild_lock(settings):
+    with rebuild_lock(settings, command="forget"):
         found = bool(in_versions(settings, pseudonym)) or bool(in_stage_outputs(settings, pseudonym))
         if not found and not not_yet_delivered:
             raise ForgetError(

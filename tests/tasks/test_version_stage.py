@@ -123,3 +123,21 @@ def test_a_patient_delivered_but_not_yet_versioned_counts_as_found(tmp_path, cle
     result = forget(settings, patient)  # no flag needed: the patient is in a stage output
     assert result["version"] is None and "not_yet_delivered" not in result
     assert forgotten_patients(settings) == {patient}
+
+
+def test_a_forget_names_itself_as_the_lock_holder(tmp_path, clean_env, monkeypatch):
+    """A rebuild waiting on a forget must say it waits for a forget, not for a rebuild."""
+    import tasks.version_stage as version_stage
+    from radground.buildstate import forget_patients, lock_holder
+
+    settings = _settings(tmp_path)
+    seen = []
+
+    def record_holder(settings_, pseudonyms):  # runs while forget holds the lock
+        seen.append(lock_holder(settings_))
+        forget_patients(settings_, pseudonyms)
+
+    monkeypatch.setattr(version_stage, "forget_patients", record_holder)
+    version_stage.forget(settings, "P" + "0" * 20, not_yet_delivered=True)
+    assert seen and seen[0] is not None and seen[0].command == "forget"
+    assert lock_holder(settings) is None  # released
