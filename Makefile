@@ -23,7 +23,7 @@ test-fast: venv  ## the inner loop: skips tests marked slow or integration (~2-3
 	$(BIN)/python -m pytest $(PYTEST_FAST) -q
 
 lint: venv  ## ruff over the code (seconds)
-	$(BIN)/ruff check radground tasks flows tests bench
+	$(BIN)/ruff check radground tasks flows models tests bench
 
 docs: venv  ## regenerate docs/settings.md and the table reference in docs/data-path.md from the code (seconds)
 	$(BIN)/python -m radground.reference_docs

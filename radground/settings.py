@@ -282,6 +282,67 @@ class MlflowSettings(_Group):
                                      "sqlite under <data_dir>/mlflow.")
     build_experiment: str = Field(default="dataset-builds", min_length=1, description="MLflow experiment of "
                                   "the dataset builds.")
+    train_experiment: str = Field(default="training", min_length=1, description="MLflow experiment of the "
+                                  "training runs (each logs its dataset version as input, its metrics and the "
+                                  "lineage.json of its checkpoints).")
+
+
+class TrainSettings(_Group):
+    """Training data (models/data.py): the dataset version's task mixture plus the public VQA benchmarks."""
+
+    seed: int = Field(default=0, ge=0, description="Seeds the per-item draws of the training data (task, "
+                      "language, question): the same seed, epoch and index give the same sample.")
+    grounding: Literal["detection", "segmentation", "mixed"] = Field(
+        default="mixed", description="Grounded captioning targets: boxes as <p bbox=…> markup, <seg> spans "
+        "with masks, or either one drawn 50/50 per item.")
+    slake_dir: Path | None = Field(default=None, description="Local SLAKE folder (imgs/, train.json, "
+                                   "validate.json or validation.json, test.json); unset = no SLAKE in the mixture.")
+    vqa_rad_dir: Path | None = Field(default=None, description="Local VQA-RAD folder (one JSON list and its "
+                                     "images); unset = no VQA-RAD in the mixture.")
+    vqa_rad_split_file: Path | None = Field(default=None, description="Optional JSON {\"train\": [qid, …], "
+                                            "\"test\": [qid, …]} that replaces VQA-RAD's published split "
+                                            "(e.g. the Wu et al. 2025 re-split).")
+    # The training run (models/training.py, flows/train.py): the recipe of docs/method.md by default.
+    workers: int = Field(default=2, ge=1, description="Ray Train workers (DDP ranks); each holds a model copy.")
+    use_gpu: Literal["auto", "false", "true"] = Field(
+        default="auto", description="One GPU per worker: auto = when the Ray cluster has GPUs; bf16 and "
+        "activation checkpointing are on with GPUs only.")
+    epochs: int = Field(default=6, ge=1, description="Passes over the training mixture.")
+    max_steps: int | None = Field(default=None, ge=1, description="Stop after this many optimizer steps "
+                                  "(a cap on the epochs; the cosine schedule spans the capped length).")
+    optimizer: Literal["adafactor", "adamw"] = Field(default="adafactor", description="Adafactor (the recipe) "
+                                                     "or AdamW; both with train.weight_decay.")
+    lr: float = Field(default=5e-5, gt=0, description="Peak learning rate (cosine decay after the warm-up).")
+    weight_decay: float = Field(default=0.01, ge=0, description="Decoupled weight decay.")
+    warmup_ratio: float = Field(default=0.1, ge=0, lt=1, description="Share of the optimizer steps spent "
+                                "warming the learning rate up linearly.")
+    batch_size: int = Field(default=4, ge=1, description="Samples per worker per forward pass (micro-batch).")
+    effective_batch: int = Field(default=288, ge=1, description="Samples per optimizer step over all workers; "
+                                 "gradients are accumulated over effective_batch / (batch_size x workers) "
+                                 "micro-batches (rounded, at least 1).")
+    max_length: int = Field(default=200, ge=8, description="Text tokens per sample (prompt + answer); the "
+                            "image tokens (256 at 224 px) come on top.")
+    eval_every: int = Field(default=0, ge=0, description="Validate and checkpoint every N optimizer steps; "
+                            "0 = at the end of each epoch (and always at the last step).")
+    eval_items: int = Field(default=512, ge=1, description="Validation items (held-out snippets of the val "
+                            "split, the same ones each time) behind val_loss.")
+    num_to_keep: int = Field(default=2, ge=1, description="Checkpoints kept per run: the lowest val_loss "
+                             "ones (Ray Train deletes the others).")
+    max_failures: int = Field(default=2, ge=0, description="Times a run restarts its workers from the last "
+                              "checkpoint after a worker dies (Ray Train FailureConfig).")
+
+
+class ModelSettings(_Group):
+    """The grounded VLM (RadGrounder, models/radgrounder): which preset, and where local weights are.
+    Nothing is ever downloaded: the paligemma2-3b-224 preset reads a folder prepared beforehand."""
+
+    preset: Literal["tiny", "paligemma2-3b-224"] = Field(
+        default="tiny", description="tiny: random init, CPU, byte-level BPE trained on the dataset's "
+        "scrubbed text; paligemma2-3b-224: PaliGemma-2 3B weights and tokenizer from model.paligemma_path.")
+    paligemma_path: Path | None = Field(
+        default=None, description="Local folder of a PaliGemma-2 3B 224 px checkpoint (config.json, "
+        "safetensors, tokenizer and preprocessor files, e.g. google/paligemma2-3b-pt-224 fetched beforehand); "
+        "needed by the paligemma2-3b-224 preset.")
 
 
 # Fields that change how fast or where work runs, never what a stage produces: they stay out
@@ -341,6 +402,8 @@ class Settings(BaseSettings):
     quality: QualitySettings = QualitySettings()
     version: VersionSettings = VersionSettings()
     mlflow: MlflowSettings = MlflowSettings()
+    model: ModelSettings = ModelSettings()
+    train: TrainSettings = TrainSettings()
 
     @classmethod
     def settings_customise_sources(

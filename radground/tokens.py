@@ -200,6 +200,51 @@ def encode_segmentation(sentence: str, spans: Sequence[tuple[int, int]]) -> str:
     return "".join(out)
 
 
+# ---------------------------------------------------------------------------- PaliGemma
+
+#: PaliGemma's tokenizer has 1024 location tokens ``<loc0000>`` … ``<loc1023>``; this module quantises
+#: to ``LOC_BINS`` = 512. The two meet ONLY in the two functions below (the model's processor calls
+#: them on every text it encodes and every text the model generates).
+PALIGEMMA_LOC_TOKENS = 1024
+_PG_PER_BIN = PALIGEMMA_LOC_TOKENS // LOC_BINS  # 2
+assert _PG_PER_BIN * LOC_BINS == PALIGEMMA_LOC_TOKENS
+
+#: Markup strings exactly as the encoders above write them; a model tokenizer adds each as one token so
+#: that grounding text never splits them (``" id="`` and ``" bbox="`` include their leading space).
+MODEL_MARKUP = (P_OPEN, _GROUP_SEP, _ID_FIELD, P_CLOSE, SEG_OPEN, SEG_CLOSE)
+
+
+def to_paligemma_locs(text: str) -> str:
+    """Grounding text of this module (512 bins) -> the same text in PaliGemma's 1024 loc tokens.
+
+    Mapping: bin ``b`` covers ``[b/512, (b+1)/512)``, which is exactly PaliGemma's cells ``2b`` and
+    ``2b+1`` (cell ``k`` covers ``[k/1024, (k+1)/1024)``); it is written as ``<loc{2b}>``.
+    :func:`from_paligemma_locs` maps cell ``k`` back to bin ``k // 2``, so the round trip is exact
+    and a model that emits the odd cell lands in the same bin. Only markup is rewritten: a ``<loc``
+    in typed text was escaped to ``&lt;loc`` by the encoders.
+    """
+
+    def one(m: re.Match[str]) -> str:
+        bin_ = int(m[1])
+        if bin_ >= LOC_BINS:
+            raise ValueError(f"{m[0]} is not a {LOC_BINS}-bin location token; encode the text with this module")
+        return f"<loc{bin_ * _PG_PER_BIN:04d}>"
+
+    return _LOC_RE.sub(one, text)
+
+
+def from_paligemma_locs(text: str) -> str:
+    """Model text in PaliGemma's 1024 loc tokens -> this module's 512 bins (inverse of :func:`to_paligemma_locs`)."""
+
+    def one(m: re.Match[str]) -> str:
+        cell = int(m[1])
+        if cell >= PALIGEMMA_LOC_TOKENS:
+            raise _fail("model", text, m.start(), f"location token {cell} is outside 0..{PALIGEMMA_LOC_TOKENS - 1}")
+        return loc_token(cell // _PG_PER_BIN)
+
+    return _LOC_RE.sub(one, text)
+
+
 # ---------------------------------------------------------------------------- decoding
 
 

@@ -1,0 +1,1 @@
+"""Models trained on radground's dataset versions (issue 10): ``models.radgrounder``."""
