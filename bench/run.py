@@ -27,6 +27,7 @@ from sam import bench_sam  # noqa: E402
 from scrub_eval import bench_scrub_eval  # noqa: E402
 from segment import bench_classical  # noqa: E402
 from synth import bench_synth  # noqa: E402
+from train import bench_train  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -47,7 +48,7 @@ def _machine() -> dict:
 BENCHMARKS: dict[str, Callable[[], dict]] = {
     "synth": bench_synth, "ingest": bench_ingest, "lexicon": bench_lexicon, "llm": bench_llm,
     "classical": bench_classical, "sam": bench_sam, "lineage": bench_lineage, "rebuild": bench_rebuild,
-    "scrub_eval": bench_scrub_eval,
+    "scrub_eval": bench_scrub_eval, "train": bench_train,
 }
 
 

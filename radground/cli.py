@@ -29,8 +29,10 @@ from radground.runtime import progress_hook
 from radground.settings import Settings, data_dir_origin, load_settings, unknown_env_warnings
 
 EXIT_ERROR = 2
-console = Console(stderr=True)
-out = Console()
+# soft_wrap: a line is never broken at the terminal's width (80 columns when piped), so a path,
+# a digest or a command in it can be copied whole; the terminal wraps it for display instead.
+console = Console(stderr=True, soft_wrap=True)
+out = Console(soft_wrap=True)
 
 _CONFIG_OPTIONS = ("--config", "-c")
 
@@ -271,6 +273,73 @@ def rebuild(
 
 
 @app.command()
+def train(
+    version: Annotated[str | None, typer.Option(
+        "--version", metavar="DIGEST", help="The dataset version to train on (8 to 64 hex characters of its "
+        "digest); default: the latest.")] = None,
+    preset: Annotated[str | None, typer.Option(
+        "--preset", metavar="tiny|paligemma2-3b-224", help="Model preset; default: the model.preset setting. "
+        "paligemma2-3b-224 reads model.paligemma_path (never downloads).")] = None,
+    max_steps: Annotated[int | None, typer.Option(
+        "--max-steps", min=1, metavar="N", help="Stop after N optimizer steps (default: train.max_steps, else "
+        "train.epochs epochs).")] = None,
+) -> None:
+    """Train RadGrounder on a dataset version with Ray Train; checkpoints and lineage go to MLflow.
+
+    Trains on the version's train split and keeps the checkpoints with the lowest validation loss
+    (val split). Runs the Prefect flow train_model on Ray Train (train.workers workers, GPUs when
+    the cluster has them): embedded by default, or on prefect.api_url / ray.address. Prints the
+    MLflow run, the best checkpoint and how to trace it back to the raw files.
+    """
+    from radground.errors import ConfigError
+
+    settings = state.settings
+    if preset is not None and preset not in ("tiny", "paligemma2-3b-224"):
+        raise ConfigError(f"--preset {preset!r}: expected tiny or paligemma2-3b-224.")
+    if max_steps is not None:
+        settings = settings.model_copy(update={"train": settings.train.model_copy(update={"max_steps": max_steps})})
+    _check_training_inputs(settings, version, preset)
+    result, library_log = _run_training(settings, version, preset)
+    for line in result.lines():
+        out.print(line, highlight=False, markup=False, soft_wrap=True)
+    out.print(f"library logs (Prefect, Ray, MLflow): {library_log}", highlight=False)
+
+
+def _check_training_inputs(settings: Settings, version: str | None, preset: str | None) -> None:
+    """Seconds, not minutes: no version, a version without val, a missing PaliGemma folder are named before
+    Prefect, Ray or anything under data_dir is touched."""
+    from models.training import check_splits, split_counts, training_version
+
+    if (preset or settings.model.preset) == "paligemma2-3b-224":
+        from models.radgrounder.configuration import paligemma_path
+
+        paligemma_path(settings)
+    _, digest = training_version(settings, version)
+    check_splits(settings, digest, split_counts(settings, digest))
+
+
+def _run_training(settings: Settings, version: str | None, preset: str | None):
+    """run_training behind a progress bar, library output in data_dir/logs; (TrainResult, log path)."""
+    from radground.runtime import libraries_off_the_terminal
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as progress:
+        bar = progress.add_task("starting", total=None)
+
+        def follow(stage: str, done: int, total: int) -> None:
+            progress.update(bar, description=stage if stage != "training" else "training (optimizer steps)",
+                            completed=done, total=total or None)
+
+        def notice(message: str) -> None:
+            progress.console.print(message, highlight=False, markup=False, soft_wrap=True)
+
+        with progress_hook(follow, notice), libraries_off_the_terminal(settings) as library_log:
+            from flows.train import run_training  # Prefect's home must be data_dir's by its import
+
+            return run_training(version, settings, preset=preset), library_log
+
+
+@app.command()
 def keywords(
     text: Annotated[str, typer.Argument(metavar="TEXT", help="A sentence (or several) to analyse.")],
     lang: Annotated[str, typer.Option("--lang", "-l", metavar="de|en", help="Language of TEXT: de or en.")] = "de",
@@ -366,22 +435,37 @@ def _why_no_keywords(language: str, grounded: Counter[str]) -> str:
             "of the store.")
 
 
+#: The demo's training run: the tiny preset, a few optimizer steps on CPU with 2 Ray workers (a minute or so).
+DEMO_TRAIN = {"workers": 2, "use_gpu": "false", "max_steps": 4, "batch_size": 2, "effective_batch": 4,
+              "eval_every": 2, "eval_items": 8, "optimizer": "adamw", "lr": 1e-3, "warmup_ratio": 0.25}
+DEMO_SEED_TRIES = 64  # P(none of 64 seeds fits) = 0.53 ** 64 with 6 patients and the 0.8/0.1/0.1 shares
+
+
 @app.command()
 def demo(
     patients: Annotated[int, typer.Option("--patients", "-n", min=1, metavar="N",
                                           help="Patients in the demo drop.")] = 6,
-    seed: Annotated[int, typer.Option("--seed", "-s", min=0, metavar="SEED",
-                                      help="Random seed of the demo drop.")] = 0,
+    seed: Annotated[int | None, typer.Option(
+        "--seed", "-s", min=0, metavar="SEED", help="Random seed of the demo drop; default: the first seed from 0 "
+        "that puts at least one patient in train and one in val under this data_dir's key.")] = None,
+    train_model: Annotated[bool, typer.Option("--train/--no-train", help="Train the tiny model on the version "
+                                              "afterwards.")] = True,
 ) -> None:
-    """Run the main job on the embedded default: every stage that exists, on a synthetic drop.
+    """Run the main job on the embedded default: every stage that exists, on a synthetic drop, then training.
 
     Writes under data_dir (default ./.radground). Stages: synth, then rebuild: ingest, curate,
     segment (classical), ground (with 4 overlay PNGs to look at), quality + version (DVC,
-    MLflow). Run it again and the rebuild finds nothing changed: same version, no work. What
-    the libraries log goes to data_dir/logs/libraries.log, not to the terminal.
+    MLflow); then the tiny RadGrounder preset trains for a few steps on CPU through the
+    train_model flow with 2 Ray workers, and the run, its best checkpoint and the command that
+    traces it back to the raw files are printed. Run it again and the rebuild finds nothing
+    changed: same version, no work (the training runs again, as a new run). What the libraries
+    log goes to data_dir/logs/libraries.log, not to the terminal.
     """
     data_dir = state.settings.data_dir.resolve()
     drop_dir = data_dir / "drops" / "demo"
+    if seed is None:  # the first seed whose patients split into train and val (checked again after synth)
+        seed = next((s for s in range(DEMO_SEED_TRIES)
+                     if _demo_has_val(state.settings, _synth_patient_ids(s, patients))), 0)
     if _same_demo_drop(drop_dir, patients, seed):
         # Written again it would be the same bytes with new times, and the rebuild would start
         # Prefect and Ray only to re-hash them: kept, a second demo starts nothing.
@@ -389,7 +473,74 @@ def demo(
     else:
         synth(drop_dir, patients=patients, seed=seed, force=True)
         out.print(f"demo drop written to [bold]{drop_dir}[/] (ground truth: {drop_dir}.truth.json)")
+    truth = json.loads(drop_dir.with_name(drop_dir.name + ".truth.json").read_text(encoding="utf-8"))
+    if not _demo_has_val(state.settings, [str(p["patient_id"]) for p in truth.get("patients") or []]):
+        out.print(f"[bold yellow]note:[/] seed {seed}: no patient of the demo drop lands in the val split under "
+                      "this data_dir's key (splits are by keyed patient hash), so the training step will be skipped; "
+                      "try another --seed or more --patients.", highlight=False, soft_wrap=True)
     rebuild([str(drop_dir)], overlays=4)
+    if train_model:
+        _demo_train()
+
+
+def _synth_patient_ids(seed: int, patients: int) -> list[str]:
+    """The patient IDs ``radground synth`` writes for (seed, patients), without writing the drop: the first
+    draws of radground.synth.drop's per-patient generator (tests/flows/test_train.py checks they agree)."""
+    import random
+
+    import numpy as np
+
+    from radground.synth.reports import random_person
+
+    used: set[str] = set()
+    ids = []
+    for seq in np.random.SeedSequence(seed).spawn(patients + 1)[1:]:
+        rng = random.Random(int(seq.generate_state(2)[1]))
+        language = "de" if rng.random() < 0.75 else "en"
+        random_person(rng, language)
+        rng.randint(0, 65 * 365)  # birth date
+        rng.random()  # upper-case name
+        while (value := str(rng.randint(10_000_000, 99_999_999))) in used:
+            pass
+        used.add(value)
+        ids.append(value)
+    return ids
+
+
+def _demo_has_val(settings: Settings, patient_ids: list[str]) -> bool:
+    """Would these patients include one in train and one in val? The real split function on their
+    pseudonyms (this data_dir's key, created here if new; patients of earlier versions keep their split)."""
+    from radground.keys import load_key
+    from tasks.deid import patient_pseudonym
+    from tasks.version import assign_splits, read_splits
+    from tasks.version_stage import latest_version_dir
+
+    key = load_key(settings)
+    latest = latest_version_dir(settings)
+    previous = read_splits(latest) if latest is not None else {}
+    pseudonyms = [patient_pseudonym(key, patient_id, "") for patient_id in patient_ids]
+    splits = assign_splits(pseudonyms, previous, settings.version, key)
+    return {"train", "val"} <= {splits[p] for p in pseudonyms}
+
+
+def _demo_train() -> None:
+    """The demo's training run on the latest version (see DEMO_TRAIN)."""
+    from models.training import TrainError  # (flows.train imports Prefect: only once its home is set)
+
+    settings = state.settings
+    settings = settings.model_copy(update={
+        "train": settings.train.model_copy(update=DEMO_TRAIN),
+        "model": settings.model.model_copy(update={"preset": "tiny"})})
+    try:
+        _check_training_inputs(settings, None, "tiny")
+        result, _ = _run_training(settings, None, "tiny")
+    except TrainError as exc:  # e.g. a version without a val patient (--seed given)
+        out.print(f"[bold yellow]note:[/] training skipped: {exc}", highlight=False, soft_wrap=True)
+        return
+    out.print(f"trained the tiny preset for {settings.train.max_steps} steps on CPU with 2 Ray workers:",
+              highlight=False)
+    for line in result.lines():
+        out.print("  " + line, highlight=False, markup=False, soft_wrap=True)
 
 
 def _same_demo_drop(drop_dir: Path, patients: int, seed: int) -> bool:
@@ -594,13 +745,41 @@ def _purge(settings: Settings, pseudonym: str, older: str, dry_run: bool) -> Non
 
 
 @lineage_app.command("trace")
-def lineage_trace(version: Annotated[str, typer.Argument(metavar="VERSION", help=VERSION_HELP)]) -> None:
-    """The drops and raw file hashes behind a version (JSON)."""
+def lineage_trace(target: Annotated[str, typer.Argument(
+        metavar="VERSION|RUN_ID|CHECKPOINT_DIR",
+        help=VERSION_HELP + " Or an MLflow training run id (32 hex characters), or a checkpoint folder holding "
+        "lineage.json.")]) -> None:
+    """The drops and raw file hashes behind a version, a training run or a checkpoint (JSON).
+
+    A folder (or lineage.json) is a checkpoint: checkpoint -> training run -> version -> raw files. A hex
+    value is looked up as a version first; if no version starts with it and it has the 32 characters of an
+    MLflow run id, as a training run. "resolved_as" in the output says which it was.
+    """
+    from radground.errors import ConfigError
+    from radground.lineage import looks_like_run_id, trace_checkpoint, trace_run
     from tasks.version import read_manifest
 
     note_data_dir()
-    digest = read_manifest(_version_dir(version)).digest
-    out.print_json(json.dumps(_lineage().trace(digest), default=str))
+    path = Path(target).expanduser()
+    if "://" in target or (("/" in target or path.name == "lineage.json") and not path.exists()):
+        raise ConfigError(f"checkpoint {target}: not a folder on this machine. Give a local checkpoint folder "
+                          "(copy one from the object store first), or the training run's id, which lists its "
+                          "checkpoints.")
+    if path.is_dir() or (path.name == "lineage.json" and path.is_file()):
+        out.print_json(json.dumps(trace_checkpoint(state.settings, path), default=str))
+        return
+    try:
+        digest = read_manifest(_version_dir(target)).digest
+    except ConfigError as exc:
+        if not looks_like_run_id(target):
+            raise
+        try:
+            traced = trace_run(state.settings, target)
+        except RadgroundError as run_exc:
+            raise ConfigError(f"{target.strip()}: not a version ({exc}) and not a run ({run_exc})") from None
+        out.print_json(json.dumps(traced, default=str))
+        return
+    out.print_json(json.dumps({"resolved_as": "version", **_lineage().trace(digest)}, default=str))
 
 
 @lineage_app.command("where-used")
@@ -608,7 +787,12 @@ def lineage_where_used(
     patient: Annotated[str, typer.Option("--patient", help="A patient pseudonym (P + 20 hex, any case), or the "
                                          "hospital's patient ID (hashed with the key; never printed).")],
 ) -> None:
-    """Every version (and MLflow run) that contains a patient — named by pseudonym only."""
+    """Every version, MLflow run, training run and checkpoint that used a patient — named by pseudonym only.
+
+    training_runs: the runs that trained on the patient (their split of the version was train or val; the
+    split is named), checkpoints: those runs' checkpoints; evaluated_on: evaluation runs. A patient only in
+    a version's test split is in no training run.
+    """
     from radground.lineage import pseudonym_for
 
     settings = state.settings

@@ -436,11 +436,15 @@ class LineageIndex:
         }
 
     def where_used(self, patient_pseudonym: str) -> dict[str, Any]:
-        """Where a patient's data went: {patient_pseudonym, versions, runs, checkpoints}.
+        """Where a patient's data went: {patient_pseudonym, versions, runs, checkpoints}, and with
+        ``settings`` also {training_runs, evaluated_on}.
 
         Takes a pseudonym (use :func:`pseudonym_for` to map a source PatientID). ``runs`` lists
         the MLflow runs whose input dataset is one of ``versions`` (needs ``settings``);
-        ``checkpoints`` is reserved for the registry and empty for now.
+        ``training_runs`` those training runs that read the patient's split of that version (train or
+        val, with the split named), ``checkpoints`` their checkpoints, ``evaluated_on`` the evaluation
+        runs (see :func:`training_use`). Without ``settings`` MLflow is not asked: runs and checkpoints
+        are empty.
         """
         if not PSEUDONYM_PATTERN.fullmatch(patient_pseudonym):
             # never echo the value: it may be a source PatientID passed by mistake
@@ -453,7 +457,12 @@ class LineageIndex:
                                        filter=pc.field("patient_pseudonym") == patient_pseudonym)
         versions = sorted(pc.unique(table["version_digest"]).to_pylist())
         runs = self._runs_for(versions) if self._settings is not None and versions else []
-        return {"patient_pseudonym": patient_pseudonym, "versions": versions, "runs": runs, "checkpoints": []}
+        found: dict[str, Any] = {"patient_pseudonym": patient_pseudonym, "versions": versions, "runs": runs,
+                                 "checkpoints": []}
+        if self._settings is not None:
+            found |= training_use(self._settings, patient_pseudonym, versions, runs=runs,
+                                  tracking_uri=self._tracking_uri)
+        return found
 
     def _runs_for(self, versions: list[str]) -> list[dict[str, str]]:
         return runs_using(self._settings, versions, tracking_uri=self._tracking_uri)
@@ -532,3 +541,359 @@ def pseudonym_for(settings: Settings, patient_id_or_pseudonym: str, *, issuer: s
             "key the data was built with, or pass the pseudonym instead."
         )
     return patient_pseudonym(load_key(settings), value, issuer)
+
+
+# --------------------------------------------------------------------------- training runs
+
+TRAIN_CONTEXT = "training"  # the mlflow.data.context of a training run's input
+EVAL_CONTEXT = "evaluation"  # ... and of an evaluation run's (the next issue's)
+KIND_TAG = "radground.kind"
+RAY_RUN_TAG = "radground.ray_run_name"
+SPLITS_TAG = "radground.splits"  # on the input: the splits of the version the run read, e.g. "train,val"
+CHECKPOINT_TAG = "radground.checkpoint_uri"  # the latest checkpoint
+BEST_CHECKPOINT_TAG = "radground.best_checkpoint_uri"
+CHECKPOINT_ARTIFACTS = "checkpoints"  # checkpoints/<name>/lineage.json in the run's artifacts
+CHECKPOINT_LINEAGE = "lineage.json"
+RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
+_RUN_ID = re.compile(r"[0-9a-f]{32}")  # what MLflow's run ids look like (uuid4 hex)
+
+
+def _refuse_phi(what: str, value: Any) -> None:
+    """A pseudonym in anything sent to MLflow is a bug in the caller: refuse it, never echo it."""
+    if PSEUDONYM_PATTERN.search(json.dumps(value, default=str)):
+        raise LineageError(f"{what} holds a patient pseudonym; MLflow must never see one. Pass counts and "
+                           "digests only (lineage.json: dataset_digest, splits rows/patients, run ids).")
+
+
+def _version_folder(settings: Settings, digest: str) -> Path:
+    from tasks.version_stage import versions_root
+
+    return versions_root(settings) / digest[:16]
+
+
+def _training_dataset(mlflow, settings: Settings, digest: str, splits: dict[str, dict]):
+    """The version as MLflow's dataset entity: the build run's (name = full digest, digest = mlflow_digest,
+    the manifest's row counts) when the version folder is here, else one profiled by the split sizes."""
+    folder = _version_folder(settings, digest)
+    manifest: dict[str, Any] = {}
+    if (folder / "manifest.json").is_file():
+        try:
+            manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            manifest = {}
+    if not _row_counts(manifest):
+        manifest = {"row_counts": {f"split.{name}": (v or {}).get("rows", 0) for name, v in splits.items()}}
+    return _version_dataset(mlflow, manifest, digest, str(folder))
+
+
+@_mlflow_logs_to_data_dir
+def start_training_run(settings: Settings, *, version_digest: str, splits: dict[str, dict],
+                       params: dict[str, str], run_name: str, tracking_uri: str | None = None) -> str:
+    """Open a training run in experiment ``mlflow.train_experiment``; returns its run id (status RUNNING).
+
+    Tags ``radground.kind=training``, ``radground.ray_run_name`` (= MLflow's run name), the version digest.
+    Params: ``params`` plus settings hash, code version, version digest and ``splits.<split>.<rows|patients>``.
+    The input is the version as the build runs log it, with input tags ``mlflow.data.context=training``,
+    the version digest and ``radground.splits`` (the splits read: ``train,val``). ``splits`` is
+    ``{"train": {"rows": n, "patients": n}, "val": {...}}``: counts only, never a pseudonym.
+    """
+    if not re.fullmatch(r"[0-9a-f]{16,64}", version_digest or ""):
+        raise LineageError(f"start_training_run: version_digest {version_digest!r} is not a version digest "
+                           "(16 to 64 lower-case hex characters). Pass the manifest's digest.")
+    _refuse_phi("start_training_run: params/splits/run_name", [params, splits, run_name])
+    mlflow = _mlflow()
+    from mlflow.entities import DatasetInput, InputTag, Param
+
+    embedded = not (tracking_uri or settings.mlflow.tracking_uri)
+    client = _client(settings, tracking_uri)
+    experiment_id = _experiment_id(client, settings, settings.mlflow.train_experiment, embedded)
+    tags = {KIND_TAG: "training", RAY_RUN_TAG: run_name, "mlflow.runName": run_name, VERSION_TAG: version_digest}
+    run_id = client.create_run(experiment_id, tags=tags).info.run_id
+    try:
+        values = {str(k): str(v) for k, v in params.items()}
+        values.setdefault("settings_hash", settings.settings_hash())
+        values.setdefault("code_version", radground.__version__)
+        values["version_digest"] = version_digest
+        for split, counts in sorted(splits.items()):
+            for key, count in sorted((counts or {}).items()):
+                values[f"splits.{split}.{key}"] = str(count)
+        items = [Param(_KEY_CHARS.sub("_", k), _without_userinfo(v)[:_PARAM_VALUE_MAX]) for k, v in values.items()]
+        for start in range(0, len(items), _BATCH_MAX):
+            client.log_batch(run_id, params=items[start:start + _BATCH_MAX])
+        dataset = _training_dataset(mlflow, settings, version_digest, splits)
+        client.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=[
+            InputTag("mlflow.data.context", TRAIN_CONTEXT), InputTag(VERSION_TAG, version_digest),
+            InputTag(SPLITS_TAG, ",".join(sorted(splits)))])])
+    except BaseException:
+        client.set_terminated(run_id, status="FAILED")
+        raise
+    logger.info("lineage: training run %s opened on version %s", run_id, version_digest[:12])
+    return run_id
+
+
+@_mlflow_logs_to_data_dir
+def log_training_metrics(settings: Settings, run_id: str, metrics: dict[str, float], step: int, *,
+                         tracking_uri: str | None = None) -> None:
+    """Log ``metrics`` at ``step`` (non-finite values are left out: MLflow would store them as NaN)."""
+    from mlflow.entities import Metric
+
+    now = int(1000 * time.time())
+    items = [Metric(_KEY_CHARS.sub("_", str(k)), float(v), now, int(step)) for k, v in metrics.items()
+             if _is_number(v) and math.isfinite(float(v))]
+    if items:
+        _client(settings, tracking_uri).log_batch(run_id, metrics=items)
+
+
+def _checkpoint_name(uri: str) -> str:
+    name = uri.rstrip("/").rsplit("/", 1)[-1]
+    return _KEY_CHARS.sub("_", name).replace(" ", "_") or "checkpoint"
+
+
+@_mlflow_logs_to_data_dir
+def log_checkpoint(settings: Settings, run_id: str, *, uri: str, lineage: dict, best: bool,
+                   tracking_uri: str | None = None) -> None:
+    """Record a checkpoint: tag ``radground.checkpoint_uri`` (latest), ``radground.best_checkpoint_uri``
+    when ``best``, and its lineage.json (plus ``checkpoint_uri``) as ``checkpoints/<name>/lineage.json``."""
+    _refuse_phi("log_checkpoint: lineage", lineage)
+    uri = _without_userinfo(str(uri))
+    client = _client(settings, tracking_uri)
+    client.set_tag(run_id, CHECKPOINT_TAG, uri)
+    if best:
+        client.set_tag(run_id, BEST_CHECKPOINT_TAG, uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / CHECKPOINT_LINEAGE
+        path.write_text(json.dumps({**lineage, "checkpoint_uri": uri}, indent=2, sort_keys=True, default=str),
+                        encoding="utf-8")
+        client.log_artifact(run_id, str(path), artifact_path=f"{CHECKPOINT_ARTIFACTS}/{_checkpoint_name(uri)}")
+
+
+@_mlflow_logs_to_data_dir
+def finish_training_run(settings: Settings, run_id: str, status: str = "FINISHED", *,
+                        tracking_uri: str | None = None) -> None:
+    """Close a training run as FINISHED or FAILED (or KILLED)."""
+    if status not in RUN_STATUSES:
+        raise LineageError(f"finish_training_run: status {status!r} is not one of {', '.join(RUN_STATUSES)}.")
+    _client(settings, tracking_uri).set_terminated(run_id, status=status)
+
+
+# --------------------------------------------------------------------------- tracing a run or a checkpoint
+
+
+def looks_like_run_id(value: str) -> bool:
+    """32 lower-case hex characters: the form of an MLflow run id (also a possible version prefix)."""
+    return bool(_RUN_ID.fullmatch(value.strip().lower()))
+
+
+def _store_exists(settings: Settings, uri: str | None) -> bool:
+    """False when the embedded store was never created: looking a run up must not create it."""
+    if uri or settings.mlflow.tracking_uri:
+        return True
+    return (settings.data_dir / "mlflow" / "mlflow.db").is_file()
+
+
+@_mlflow_logs_to_data_dir
+def _run_lineage(settings: Settings, run_id: str, tracking_uri: str | None, with_checkpoints: bool = True) -> dict:
+    from mlflow.exceptions import MlflowException
+
+    if not _store_exists(settings, tracking_uri):
+        raise LineageError(f"run {run_id}: there are no MLflow runs under {settings.data_dir.resolve()} "
+                           "(no mlflow/mlflow.db). Point at the data_dir that trained it (RADGROUND_DATA_DIR).")
+    client = _client(settings, tracking_uri)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        raise LineageError(f"run {run_id}: no MLflow run with this id in {_safe_uri(settings, tracking_uri)}. "
+                           "Check the id (the MLflow UI or `radground train` prints it).") from None
+    experiment = client.get_experiment(run.info.experiment_id)
+    inputs = []
+    for item in run.inputs.dataset_inputs:
+        tags = {t.key: t.value for t in item.tags}
+        inputs.append({"version_digest": tags.get(VERSION_TAG) or item.dataset.name,
+                       "context": tags.get("mlflow.data.context", ""),
+                       "splits": [s for s in tags.get(SPLITS_TAG, "").split(",") if s]})
+    params = run.data.params
+    keep = ("preset", "settings_hash", "code_version", "version_digest", "epochs", "max_steps", "batch_size",
+            "effective_batch", "learning_rate", "seed", "workers", "recipe")
+    info = {
+        "run_id": run_id, "experiment": experiment.name if experiment else run.info.experiment_id,
+        "kind": run.data.tags.get(KIND_TAG, ""), "status": run.info.status,
+        "ray_run_name": run.data.tags.get(RAY_RUN_TAG), "inputs": inputs,
+        "params": {k: params[k] for k in sorted(params) if k in keep or k.startswith("splits.")},
+        "checkpoint_uri": run.data.tags.get(CHECKPOINT_TAG),
+        "best_checkpoint_uri": run.data.tags.get(BEST_CHECKPOINT_TAG),
+    }
+    info["checkpoints"] = _logged_checkpoints(client, run) if with_checkpoints else []
+    return info
+
+
+def _logged_checkpoints(client, run) -> list[dict]:
+    """The checkpoints a run logged (checkpoints/*/lineage.json), plus its tagged ones not logged so."""
+    run_id = run.info.run_id
+    best = run.data.tags.get(BEST_CHECKPOINT_TAG)
+    found: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for folder in client.list_artifacts(run_id, CHECKPOINT_ARTIFACTS):
+            if not folder.is_dir:
+                continue
+            try:
+                local = client.download_artifacts(run_id, f"{folder.path}/{CHECKPOINT_LINEAGE}", tmp)
+                doc = json.loads(Path(local).read_text(encoding="utf-8"))
+            except Exception:  # noqa: BLE001 - a missing or unreadable file: list the folder without details
+                logger.debug("lineage: run %s artifact %s unreadable", run_id, folder.path, exc_info=True)
+                doc = {}
+            uri = doc.get("checkpoint_uri") or folder.path
+            found[uri] = {"uri": uri, "step": doc.get("step"), "epoch": doc.get("epoch"),
+                          "val_loss": doc.get("val_loss"), "best": uri == best, "training_run_id": run_id}
+    for tag in (CHECKPOINT_TAG, BEST_CHECKPOINT_TAG):
+        uri = run.data.tags.get(tag)
+        if uri and uri not in found:
+            found[uri] = {"uri": uri, "step": None, "epoch": None, "val_loss": None, "best": uri == best,
+                          "training_run_id": run_id}
+    return sorted(found.values(), key=lambda c: (c["step"] is None, c["step"] or 0, c["uri"]))
+
+
+def _safe_uri(settings: Settings, uri: str | None) -> str:
+    return _without_userinfo(tracking_uri(settings, uri))
+
+
+def read_checkpoint_lineage(path: Path | str) -> dict:
+    """A checkpoint folder's lineage.json (or that file itself)."""
+    path = Path(path).expanduser()
+    file = path / CHECKPOINT_LINEAGE if path.is_dir() else path
+    if not file.is_file():
+        raise LineageError(f"checkpoint {path}: no {CHECKPOINT_LINEAGE} in it. Give a checkpoint folder that "
+                           "`radground train` wrote (it holds the model files and lineage.json).")
+    try:
+        doc = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise LineageError(f"checkpoint {path}: {CHECKPOINT_LINEAGE} is not readable JSON. Was the checkpoint "
+                           "copied whole?") from None
+    if not isinstance(doc, dict) or not doc.get("dataset_digest"):
+        raise LineageError(f"checkpoint {path}: {CHECKPOINT_LINEAGE} has no dataset_digest; expected the file "
+                           "`radground train` writes.")
+    return doc
+
+
+def _version_trace(settings: Settings, digest: str) -> dict:
+    lineage = settings.data_dir.resolve() / "lineage"
+    if not lineage.is_dir() or not any(lineage.glob("*.parquet")):
+        raise LineageError(f"version {digest[:16]}: no lineage tables under {lineage}. Point at the data_dir "
+                           "that built the version (RADGROUND_DATA_DIR).")
+    return lineage_index(lineage).trace(digest)
+
+
+def trace_run(settings: Settings, run_id: str, *, tracking_uri: str | None = None) -> dict:
+    """Walk back a training run: run -> dataset version (digest, splits read) -> drops and raw sha256s.
+
+    Returns {resolved_as: "training_run", training_run: {run_id, experiment, status, params, …},
+    checkpoints: [{uri, step, val_loss, best}], dataset: {digest, splits}, version: <version trace>}.
+    """
+    run = _run_lineage(settings, run_id.strip().lower(), tracking_uri)
+    versions = [i for i in run["inputs"] if i["version_digest"]]
+    if not versions:
+        raise LineageError(f"run {run_id}: it logged no dataset version as input, so nothing leads back to raw "
+                           "files. Trace a training run of `radground train`, or a version digest.")
+    digest = versions[0]["version_digest"]
+    checkpoints = run.pop("checkpoints")
+    splits = {name: {k.split(".")[-1]: _number(v) for k, v in run["params"].items()
+                     if k.startswith(f"splits.{name}.")} for name in versions[0]["splits"]}
+    training = run["kind"] == "training"  # a build run traces too: its version, under "run"
+    return {"resolved_as": "training_run" if training else f"{run['kind'] or 'mlflow'}_run",
+            "training_run" if training else "run": run, "checkpoints": checkpoints,
+            "dataset": {"digest": digest, "splits": splits or None}, "version": _version_trace(settings, digest)}
+
+
+def trace_checkpoint(settings: Settings, path: Path | str, *, tracking_uri: str | None = None) -> dict:
+    """Walk back a checkpoint folder: lineage.json -> training run -> version -> drops and raw sha256s."""
+    doc = read_checkpoint_lineage(path)
+    digest = str(doc["dataset_digest"])
+    out: dict[str, Any] = {
+        "resolved_as": "checkpoint",
+        "checkpoint": {"uri": str(Path(path).expanduser().resolve()), "step": doc.get("step"),
+                       "epoch": doc.get("epoch"), "val_loss": doc.get("val_loss"), "preset": doc.get("preset")},
+        "training_run": None,
+        "dataset": {"digest": digest, "splits": doc.get("splits")},
+    }
+    run_id = doc.get("training_run_id")
+    if run_id:
+        run = _run_lineage(settings, str(run_id), tracking_uri, with_checkpoints=False)
+        run.pop("checkpoints", None)
+        logged = {i["version_digest"] for i in run["inputs"]}
+        if digest not in logged:
+            raise LineageError(f"checkpoint {path}: lineage.json names version {digest[:16]}, but its training run "
+                               f"{run_id} logged {', '.join(sorted(d[:16] for d in logged)) or 'no version'}. "
+                               "The checkpoint's lineage.json does not belong to that run.")
+        out["training_run"] = run
+    out["version"] = _version_trace(settings, digest)
+    return out
+
+
+def _number(text: str) -> Any:
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            return text
+
+
+# --------------------------------------------------------------------------- where a patient was trained on
+
+
+def patient_splits(settings: Settings, pseudonym: str, versions: Sequence[str]) -> dict[str, str | None]:
+    """{version digest: the patient's split there (train/val/test)}, None when the version's
+    splits.parquet is not on this machine (pull the version to know)."""
+    found: dict[str, str | None] = {}
+    for digest in versions:
+        path = _version_folder(settings, digest) / "splits.parquet"
+        if not path.is_file():
+            found[digest] = None
+            continue
+        table = pq.read_table(path, columns=["patient_pseudonym", "split"],
+                              filters=[("patient_pseudonym", "=", pseudonym)])
+        found[digest] = table["split"][0].as_py() if table.num_rows else None
+    return found
+
+
+def training_use(settings: Settings, pseudonym: str, versions: Sequence[str], *,
+                 runs: Sequence[dict] | None = None, tracking_uri: str | None = None) -> dict[str, list]:
+    """The training runs and checkpoints that used a patient, from the versions holding them.
+
+    A training run used the patient when its input version holds them in a split the run read
+    (``radground.splits``: train, val); a patient only in ``test`` was not trained on. Returns
+    {training_runs: [{run_id, experiment, version_digest, split, status, ray_run_name, checkpoints}],
+    evaluated_on: [evaluation runs of a version holding the patient, with the split],
+    checkpoints: [every checkpoint of those training runs: {uri, step, val_loss, best, training_run_id}]}.
+    A version whose splits.parquet is not here counts as used (split "unknown"): an audit must not miss one.
+    """
+    if runs is None:
+        runs = runs_using(settings, versions, tracking_uri=tracking_uri) if versions else []
+    used = [r for r in runs if r.get("context") in (TRAIN_CONTEXT, EVAL_CONTEXT)]
+    if not used:
+        return {"training_runs": [], "evaluated_on": [], "checkpoints": []}
+    split_of = patient_splits(settings, pseudonym, sorted({r["version_digest"] for r in used}))
+    return _training_use(settings, used, split_of, tracking_uri)
+
+
+@_mlflow_logs_to_data_dir
+def _training_use(settings: Settings, used: Sequence[dict], split_of: dict, tracking_uri: str | None) -> dict:
+    client = _client(settings, tracking_uri)
+    trained, evaluated, checkpoints = [], [], []
+    for entry in used:
+        split = split_of.get(entry["version_digest"])
+        run = client.get_run(entry["run_id"])
+        read = {s for item in run.inputs.dataset_inputs for t in item.tags if t.key == SPLITS_TAG
+                for s in t.value.split(",") if s}
+        row = {"run_id": entry["run_id"], "experiment": entry["experiment"],
+               "version_digest": entry["version_digest"], "split": split or "unknown",
+               "status": run.info.status, "ray_run_name": run.data.tags.get(RAY_RUN_TAG)}
+        if entry["context"] == EVAL_CONTEXT:
+            evaluated.append(row)
+            continue
+        if split is not None and split not in (read or {"train", "val"}):
+            continue  # in a split this run never read (test): not trained on
+        row["checkpoints"] = _logged_checkpoints(client, run)
+        checkpoints.extend(row["checkpoints"])
+        trained.append(row)
+    return {"training_runs": trained, "evaluated_on": evaluated, "checkpoints": checkpoints}

@@ -52,7 +52,7 @@ import pyarrow.parquet as pq
 from radground.buildstate import STAGES, DropRegistry, forget_patients, rebuild_lock
 from radground.dvc import DvcRepo
 from radground.errors import RadgroundError
-from radground.lineage import runs_using, tag_runs
+from radground.lineage import runs_using, tag_runs, training_use
 from radground.settings import Settings
 from radground.store import ObjectStore, open_store
 from radground.tables import parquet_bytes
@@ -578,7 +578,11 @@ def purge(settings: Settings, pseudonym: str, *, older: Older = "rewrite", dry_r
                                   "drops_holding_patient": sorted(footprint.drops),
                                   "ids": {"images": len(footprint.images), "series": len(footprint.series),
                                           "studies": len(footprint.studies)}} | _plan_summary(plan, settings)
-        report["model_registry"] = "not checked: radground has no model registry yet (comes with the model issues)"
+        used = training_use(settings, pseudonym, sorted({r["version_digest"] for r in plan.runs}), runs=plan.runs)
+        report["training_runs"], report["checkpoints"] = used["training_runs"], used["checkpoints"]
+        report["model_registry"] = ("not checked: radground has no model registry yet (comes with the model issues). "
+                                    "The purge does not change model weights: the checkpoints listed were trained on "
+                                    "the patient; retrain without them and delete those checkpoints")
         if dry_run:
             return report
 

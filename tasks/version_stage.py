@@ -370,7 +370,9 @@ def forget(settings: Settings, pseudonym: str, *, not_yet_delivered: bool = Fals
 
     Returns {patient_pseudonym, version (the new version's summary, or None when there is no
     version yet), rows_removed per table, still_in_versions (earlier versions that hold the
-    patient: delete or supersede them, or purge), runs (MLflow runs that used those versions)}.
+    patient: delete or supersede them, or purge), runs (MLflow runs that used those versions),
+    training_runs (the training runs that read the patient's train/val split of one of them, with the
+    split) and checkpoints (those runs' checkpoints: trained on the patient, not changed by a forget)}.
     """
     from radground.lineage import lineage_index
     from tasks.purge import in_stage_outputs, in_versions
@@ -385,7 +387,7 @@ def forget(settings: Settings, pseudonym: str, *, not_yet_delivered: bool = Fals
         forget_patients(settings, [pseudonym])
         if not found:
             return {"patient_pseudonym": pseudonym, "not_yet_delivered": True, "version": None, "rows_removed": {},
-                    "still_in_versions": [], "runs": [],
+                    "still_in_versions": [], "runs": [], "training_runs": [], "checkpoints": [],
                     "done": "not in any version or stage output: recorded on the exclusion list "
                             f"({settings.data_dir.resolve() / 'state' / 'forgotten.json'}); no version written. "
                             "Every later version leaves this patient out (a later delivery still reaches the "
@@ -393,11 +395,15 @@ def forget(settings: Settings, pseudonym: str, *, not_yet_delivered: bool = Fals
         before = latest_version_dir(settings)
         if before is None:
             return {"patient_pseudonym": pseudonym, "version": None, "rows_removed": {}, "still_in_versions": [],
-                    "runs": []}
+                    "runs": [], "training_runs": [], "checkpoints": []}
         summary = publish([], settings, {}, {}, reason="forget")
     old_rows = {name: entry.rows for name, entry in read_manifest(before).tables.items()}
     removed = {name: old_rows.get(name, 0) - rows for name, rows in summary["rows"].items()}
     lineage = settings.data_dir.resolve() / "lineage"
     used = lineage_index(lineage, settings=settings).where_used(pseudonym) if any(lineage.glob("*.parquet")) else {}
-    return {"patient_pseudonym": pseudonym, "version": summary, "rows_removed": removed,
-            "still_in_versions": used.get("versions", []), "runs": used.get("runs", [])}
+    result = {"patient_pseudonym": pseudonym, "version": summary, "rows_removed": removed,
+              "still_in_versions": used.get("versions", []), "runs": used.get("runs", []),
+              "training_runs": used.get("training_runs", []), "checkpoints": used.get("checkpoints", [])}
+    if used.get("evaluated_on"):
+        result["evaluated_on"] = used["evaluated_on"]
+    return result
