@@ -338,3 +338,31 @@ def test_a_rebuild_without_change_says_current_and_draws_the_overlays_asked_for(
     assert len(pngs) == 2 and [str(p) for p in pngs] == sorted(a.ground["overlays"])
     assert f"2 overlays in {pngs[0].parent}" in a.lines()[-1]
 
+
+
+def _vocabulary_text(processor) -> str:
+    """Every token of the tokenizer as the text it stands for (byte-level BPE stores 'ü' as 'Ã¼')."""
+    tokenizer = processor.tokenizer
+    return "\n".join(tokenizer.decode([i]) for i in range(len(tokenizer)))
+
+
+def test_no_planted_phi_in_the_tiny_tokenizer_trained_on_the_version(rebuilt, tmp_path):
+    """The tiny preset's tokenizer is trained on the version's text: no planted PHI may become a token
+    or reach its saved files. The control (the same corpus plus a planted name) shows the scan finds one."""
+    from models.radgrounder import RadGrounderProcessor
+    from models.training import tokenizer_texts
+    from tasks.version_stage import latest_version_dir
+
+    _, truth, _, settings, _ = rebuilt
+    needles = _needles(truth)
+    texts = tokenizer_texts(settings, latest_version_dir(settings).name)
+    assert len(texts) > 20  # the version's report sentences, questions and prompts
+    processor = RadGrounderProcessor.tiny(texts)
+    processor.save_pretrained(str(tmp_path / "tokenizer"))
+    saved = "\n".join(_text_of(p) for p in (tmp_path / "tokenizer").rglob("*") if p.is_file())
+    searched = (_vocabulary_text(processor) + saved).casefold()
+    assert not sorted(n for n in needles if n in searched)
+
+    name = max((n for n in needles if n.isalpha()), key=len)  # control: a planted name, often enough to merge
+    leaky = RadGrounderProcessor.tiny(texts + [f"Patient {name} war da."] * 50)
+    assert name in _vocabulary_text(leaky).casefold()
