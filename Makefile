@@ -3,6 +3,7 @@ SHELL := /bin/bash
 VENV := .venv
 BIN := $(VENV)/bin
 PYTEST_FAST := -m "not slow and not integration"
+TRAIN_FLOW_TESTS := tests/flows/test_train.py
 
 .PHONY: venv demo test test-fast lint docs bench clean help
 
@@ -17,7 +18,10 @@ demo: venv  ## run the main job on the embedded default and print where its outp
 
 test: venv  ## the whole test suite, what CI runs (~12 min on 2 cores from a clean clone, incl. ~4 min first venv); installs chromium when missing
 	@scripts/ensure-test-packages.sh
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --ignore=$(TRAIN_FLOW_TESTS)
+	@# In the same process as the rebuild flow tests, the training flow's local Ray did not start (its GCS
+	@# rejected the auth token); in a process of their own they pass.
+	$(BIN)/python -m pytest $(TRAIN_FLOW_TESTS)
 
 test-fast: venv  ## the inner loop: skips tests marked slow or integration (~2-3 min on 2 cores)
 	$(BIN)/python -m pytest $(PYTEST_FAST) -q

@@ -53,6 +53,13 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(name)
 
 
+@pytest.fixture
+def s3_credentials() -> dict[str, str]:
+    """The moto servers' credentials. A fixture, not ``from conftest import``: tests/models has its own
+    conftest.py, and which one the module name ``conftest`` means depends on collection order."""
+    return {"access_key": FAKE_ACCESS_KEY, "secret_key": FAKE_SECRET_KEY}
+
+
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[str]:
     """moto's S3 server in this process, on a free loopback port; yields its endpoint URL."""

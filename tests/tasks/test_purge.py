@@ -57,11 +57,10 @@ def world(request, tmp_path, clean_env):
     (3 slices), caches and overlays under data_dir."""
     storage = {}
     if request.param == "s3":
-        from conftest import FAKE_ACCESS_KEY, FAKE_SECRET_KEY
-
+        credentials = request.getfixturevalue("s3_credentials")
         storage = {"backend": "s3", "endpoint": request.getfixturevalue("s3_server"), "bucket": "rg-purge-"
-                   + request.node.name.split("[")[0][-20:].replace("_", "-"), "access_key": FAKE_ACCESS_KEY,
-                   "secret_key": FAKE_SECRET_KEY, "max_attempts": 2, "backoff_s": 0.01, "prefix": f"t{id(tmp_path)}/"}
+                   + request.node.name.split("[")[0][-20:].replace("_", "-"), **credentials,
+                   "max_attempts": 2, "backoff_s": 0.01, "prefix": f"t{id(tmp_path)}/"}
     settings = load_settings(data_dir=tmp_path / "data", deid={"key": KEY}, storage=storage)
     store = open_store(settings)
     mine, theirs = images(P1, 0), images(P2, 100)
@@ -197,14 +196,13 @@ def test_a_purge_plan_names_the_llm_sentences_of_the_patients_curated_reports(wo
     assert pq.read_table(io.BytesIO(store.get("curate/D/reports.parquet"))).num_rows == 2  # a plan changes nothing
 
 
-def test_dvc_objects_are_deleted_by_hash_only_in_the_cache_and_an_s3_remote(tmp_path, clean_env, s3_server):
-    from conftest import FAKE_ACCESS_KEY, FAKE_SECRET_KEY
-
+def test_dvc_objects_are_deleted_by_hash_only_in_the_cache_and_an_s3_remote(tmp_path, clean_env, s3_server,
+                                                                           s3_credentials):
     from radground.dvc import DvcRepo
 
     settings = load_settings(data_dir=tmp_path / "data", storage={
-        "backend": "s3", "endpoint": s3_server, "bucket": "rg-purge-dvc", "access_key": FAKE_ACCESS_KEY,
-        "secret_key": FAKE_SECRET_KEY, "max_attempts": 2, "backoff_s": 0.01})
+        "backend": "s3", "endpoint": s3_server, "bucket": "rg-purge-dvc", **s3_credentials,
+        "max_attempts": 2, "backoff_s": 0.01})
     store = open_store(settings)
     listing = json.dumps([{"md5": "ab" + "1" * 30, "relpath": "images/a.parquet"},
                           {"md5": "ab" + "2" * 30, "relpath": "manifest.json"}])
