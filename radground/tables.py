@@ -41,9 +41,25 @@ def write_table(store: ObjectStore, key: str, records: Sequence[BaseModel | dict
 
 
 def read_table(store: ObjectStore, key: str) -> pa.Table:
-    # pa.BufferReader, not io.BytesIO: reading through a Python file object left a thread that
-    # aborted the process at exit ("terminate called without an active exception", pyarrow 25).
-    return pq.read_table(pa.BufferReader(store.get(key)))
+    return table_from_parquet_bytes(store.get(key))
+
+
+def table_from_parquet_bytes(data: bytes) -> pa.Table:
+    """A Parquet object's table, read from memory."""
+    return pq.read_table(arrow_reader(data))
+
+
+def arrow_reader(data: bytes) -> pa.BufferReader:
+    """A reader over a copy of ``data`` that Arrow owns: the only safe way to hand bytes to pyarrow.
+
+    Wrapping ``bytes`` directly (``pa.BufferReader(data)`` or ``io.BytesIO``) lets an Arrow pool
+    thread drop the last reference to the Python buffer; when that happens during interpreter
+    shutdown the thread must take the GIL, Python ends it, and the process aborts ("terminate
+    called without an active exception", pyarrow 25, ~1 CLI run in 10). Arrow's own copy needs no GIL.
+    """
+    sink = pa.BufferOutputStream()
+    sink.write(data)
+    return pa.BufferReader(sink.getvalue())
 
 
 def read_tables(store: ObjectStore, keys: Sequence[str], model: type[BaseModel]) -> pa.Table:
@@ -56,7 +72,7 @@ def read_tables(store: ObjectStore, keys: Sequence[str], model: type[BaseModel])
 
 def relabelled(data: bytes, drop_id: str) -> bytes:
     """A Parquet table of an earlier drop as this drop's: the drop_id column set to ``drop_id``."""
-    table = pq.read_table(pa.BufferReader(data))
+    table = table_from_parquet_bytes(data)
     column = table.schema.get_field_index("drop_id")
     table = table.set_column(column, table.schema.field(column), pa.array([drop_id] * table.num_rows, pa.string()))
     return parquet_bytes(table)

@@ -55,7 +55,7 @@ from radground.errors import RadgroundError
 from radground.lineage import runs_using, tag_runs, training_use
 from radground.settings import Settings
 from radground.store import ObjectStore, open_store
-from radground.tables import parquet_bytes
+from radground.tables import arrow_reader, parquet_bytes
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +176,7 @@ def _scan_store(store: ObjectStore, footprint: Footprint, *, stop_at_first: bool
     drops: set[str] = set()
     keys = sorted(_store_tables(store), key=lambda k: "/reports.parquet" not in k)  # small tables first
     for key in keys:
-        table = _id_table(pa.BufferReader(store.get(key)))
+        table = _id_table(arrow_reader(store.get(key)))
         if footprint.add_ids(table):
             drops.add(key.split("/")[1])
             if stop_at_first:
@@ -228,7 +228,7 @@ def _needle_pattern(needles: Iterable[str]) -> re.Pattern[bytes]:
 
 def _parquet_text(data: bytes | Path) -> Iterator[bytes]:
     """The string values of a Parquet file, as text to search (pages are compressed on disk)."""
-    source = pq.ParquetFile(pa.BufferReader(data) if isinstance(data, bytes) else data)
+    source = pq.ParquetFile(arrow_reader(data) if isinstance(data, bytes) else data)
     names = [f.name for f in source.schema_arrow if not pa.types.is_binary(f.type)
              and not pa.types.is_large_binary(f.type)]
     for index in range(source.num_row_groups):
@@ -341,7 +341,7 @@ def plan_purge(settings: Settings, footprint: Footprint, store: ObjectStore) -> 
     pattern = _needle_pattern(footprint.needles)
     for key in _store_tables(store):
         data = store.get(key)
-        mask = footprint.rows_of(_id_table(pa.BufferReader(data)))
+        mask = footprint.rows_of(_id_table(arrow_reader(data)))
         removed = pc.sum(mask).as_py() or 0
         parts = key.split("/")
         per_series = len(parts) == 4 and parts[2] in PER_SERIES_FOLDERS
@@ -350,13 +350,13 @@ def plan_purge(settings: Settings, footprint: Footprint, store: ObjectStore) -> 
             continue
         if not removed:
             continue
-        rows = pq.ParquetFile(pa.BufferReader(data)).metadata.num_rows
+        rows = pq.ParquetFile(arrow_reader(data)).metadata.num_rows
         if per_series and removed == rows:
             plan.store_delete.append(key)
         else:
             plan.store_rewrite[key] = removed
         if key.endswith("/reports.parquet") and key.startswith("curate/"):
-            reports = pq.read_table(pa.BufferReader(data), columns=["patient_pseudonym", "sentences"])
+            reports = pq.read_table(arrow_reader(data), columns=["patient_pseudonym", "sentences"])
             for row in reports.filter(pc.equal(reports["patient_pseudonym"], footprint.pseudonym)).to_pylist():
                 plan.llm_sentences |= {s["text"] for s in row["sentences"]} | {
                     s["translation"] for s in row["sentences"] if s.get("translation")}
@@ -401,7 +401,7 @@ def plan_purge(settings: Settings, footprint: Footprint, store: ObjectStore) -> 
 def _purge_store(store: ObjectStore, footprint: Footprint, plan: Plan) -> None:
     pattern = _needle_pattern(footprint.needles)
     for key in plan.store_rewrite:
-        table = pq.read_table(pa.BufferReader(store.get(key)))
+        table = pq.read_table(arrow_reader(store.get(key)))
         store.put(key, parquet_bytes(table.filter(pc.invert(footprint.rows_of(table)))))
     for key in plan.store_delete:
         store.delete(key)
