@@ -438,6 +438,7 @@ def _why_no_keywords(language: str, grounded: Counter[str]) -> str:
 #: The demo's training run: the tiny preset, a few optimizer steps on CPU with 2 Ray workers (a minute or so).
 DEMO_TRAIN = {"workers": 2, "use_gpu": "false", "max_steps": 4, "batch_size": 2, "effective_batch": 4,
               "eval_every": 2, "eval_items": 8, "optimizer": "adamw", "lr": 1e-3, "warmup_ratio": 0.25}
+DEMO_MAX_NEW_TOKENS = 16  # generated tokens per answer in the demo's evaluation and prediction
 DEMO_SEED_TRIES = 64  # P(none of 64 seeds fits) = 0.53 ** 64 with 6 patients and the 0.8/0.1/0.1 shares
 
 
@@ -463,9 +464,10 @@ def demo(
     """
     data_dir = state.settings.data_dir.resolve()
     drop_dir = data_dir / "drops" / "demo"
-    if seed is None:  # the first seed whose patients split into train and val (checked again after synth)
-        seed = next((s for s in range(DEMO_SEED_TRIES)
-                     if _demo_has_val(state.settings, _synth_patient_ids(s, patients))), 0)
+    if seed is None:  # the first seed whose patients split into train, val and test (checked again after synth)
+        fits = [s for s in range(DEMO_SEED_TRIES) if _demo_has_val(state.settings, _synth_patient_ids(s, patients))]
+        with_test = [s for s in fits if _demo_has_val(state.settings, _synth_patient_ids(s, patients), "test")]
+        seed = (with_test or fits or [0])[0]
     if _same_demo_drop(drop_dir, patients, seed):
         # Written again it would be the same bytes with new times, and the rebuild would start
         # Prefect and Ray only to re-hash them: kept, a second demo starts nothing.
@@ -479,8 +481,8 @@ def demo(
                       "this data_dir's key (splits are by keyed patient hash), so the training step will be skipped; "
                       "try another --seed or more --patients.", highlight=False, soft_wrap=True)
     rebuild([str(drop_dir)], overlays=4)
-    if train_model:
-        _demo_train()
+    if train_model and (trained := _demo_train()) is not None and trained.best_checkpoint:
+        _demo_model(trained.run_id, drop_dir)
 
 
 def _synth_patient_ids(seed: int, patients: int) -> list[str]:
@@ -507,9 +509,9 @@ def _synth_patient_ids(seed: int, patients: int) -> list[str]:
     return ids
 
 
-def _demo_has_val(settings: Settings, patient_ids: list[str]) -> bool:
-    """Would these patients include one in train and one in val? The real split function on their
-    pseudonyms (this data_dir's key, created here if new; patients of earlier versions keep their split)."""
+def _demo_has_val(settings: Settings, patient_ids: list[str], *also: str) -> bool:
+    """Would these patients include one in train and one in val (and one in each of ``also``)? The real split
+    function on their pseudonyms (this data_dir's key, created here if new; earlier patients keep their split)."""
     from radground.keys import load_key
     from tasks.deid import patient_pseudonym
     from tasks.version import assign_splits, read_splits
@@ -520,11 +522,11 @@ def _demo_has_val(settings: Settings, patient_ids: list[str]) -> bool:
     previous = read_splits(latest) if latest is not None else {}
     pseudonyms = [patient_pseudonym(key, patient_id, "") for patient_id in patient_ids]
     splits = assign_splits(pseudonyms, previous, settings.version, key)
-    return {"train", "val"} <= {splits[p] for p in pseudonyms}
+    return {"train", "val", *also} <= {splits[p] for p in pseudonyms}
 
 
-def _demo_train() -> None:
-    """The demo's training run on the latest version (see DEMO_TRAIN)."""
+def _demo_train():
+    """The demo's training run on the latest version (see DEMO_TRAIN); its TrainResult, or None when skipped."""
     from models.training import TrainError  # (flows.train imports Prefect: only once its home is set)
 
     settings = state.settings
@@ -536,11 +538,68 @@ def _demo_train() -> None:
         result, _ = _run_training(settings, None, "tiny")
     except TrainError as exc:  # e.g. a version without a val patient (--seed given)
         out.print(f"[bold yellow]note:[/] training skipped: {exc}", highlight=False, soft_wrap=True)
-        return
+        return None
     out.print(f"trained the tiny preset for {settings.train.max_steps} steps on CPU with 2 Ray workers:",
               highlight=False)
     for line in result.lines():
         out.print("  " + line, highlight=False, markup=False, soft_wrap=True)
+    return result
+
+
+def _demo_model(run_id: str, drop_dir: Path) -> None:
+    """After training: evaluate the run's best checkpoint on the version's test split, register it (the first
+    version becomes champion through the gate), and predict on one demo DICOM; says where each result is."""
+    # Short answers keep the demo within its minutes: the untrained model never stops on its own (the
+    # demo's yes/no questions need 1-2 tokens); the cap is logged with the evaluation.
+    settings = state._settings = state.settings.model_copy(update={
+        "model": state.settings.model.model_copy(update={"max_new_tokens": DEMO_MAX_NEW_TOKENS})})
+    split = "test" if _demo_split_has_items(settings, "test") else "val"
+    if split != "test":
+        out.print("[bold yellow]note:[/] no demo patient landed in the test split; the demo evaluates on val "
+                  "(a real evaluation uses test).", highlight=False, soft_wrap=True)
+    evaluation = settings.data_dir.resolve() / "evaluations" / f"demo-{run_id[:8]}"
+    out.print(f"evaluating the best checkpoint on the version's {split} split:", highlight=False)
+    cli_model.evaluate(benchmark=None, data=None, version=None, split=split, model=run_id, predictions=None,
+                       out_dir=evaluation)
+    _demo_register_and_predict(run_id, evaluation, drop_dir)
+
+
+def _demo_register_and_predict(run_id: str, evaluation: Path, drop_dir: Path) -> None:
+    """Register the evaluated checkpoint, pass it through the promotion gate, and ground one demo slice."""
+    from models.checkpoints import resolve_model
+    from models.inference import predict_dicom
+    from models.registry import promote, register
+
+    settings = state.settings
+    source = resolve_model(settings, run_id)
+    registered = register(settings, source, evaluation=cli_model.evaluation_doc(evaluation, source))
+    name, number = registered["name"], registered["version"]
+    out.print(f"registered {name} version {number} (alias challenger), with the metrics above: "
+              f"radground models show {number}", highlight=False)
+    gate = promote(settings, number)
+    out.print(f"promotion gate: {gate['reason']}", highlight=False, soft_wrap=True)
+    # a series folder, not one file: the drop plants broken files and localizers, which a folder skips
+    series = sorted({p.parent for p in drop_dir.rglob("*.dcm")})[0]
+    _, model, processor = cli_model.load_model_ref(f"models:/{name}/{number}")
+    found = predict_dicom(settings, series, model, processor, task="ground")
+    text = found["text"] if found["text"] is not None else f"(malformed, dropped: {found['error']})"
+    out.print(f"grounded prediction on the middle slice of one demo series ({found['image']['modality']} "
+              f"{found['image']['rows']}x{found['image']['cols']}): {len(found['groundings'])} grounding(s); text: "
+              f"{text}", highlight=False, markup=False, soft_wrap=True)
+    out.print(f"  overlay: {found['overlay']}", highlight=False, markup=False)
+    # the series path is not printed: synthetic drops name folders after the (made-up) patient, as hospitals do
+    out.print(f"  as JSON: radground predict SERIES_FOLDER --model models:/{name}/{number} --task ground (a series "
+              f"folder of {drop_dir})", highlight=False, markup=False, soft_wrap=True)
+    out.print(f"  trace the model back to the raw files: radground lineage trace models:/{name}/{number}",
+              highlight=False, markup=False)
+
+
+def _demo_split_has_items(settings: Settings, split: str) -> bool:
+    from models.data import VersionDataset
+    from tasks.version_stage import latest_version_dir
+
+    folder = latest_version_dir(settings)
+    return folder is not None and len(VersionDataset(folder, split, allow_test=True)) > 0
 
 
 def _same_demo_drop(drop_dir: Path, patients: int, seed: int) -> bool:
@@ -746,20 +805,25 @@ def _purge(settings: Settings, pseudonym: str, older: str, dry_run: bool) -> Non
 
 @lineage_app.command("trace")
 def lineage_trace(target: Annotated[str, typer.Argument(
-        metavar="VERSION|RUN_ID|CHECKPOINT_DIR",
-        help=VERSION_HELP + " Or an MLflow training run id (32 hex characters), or a checkpoint folder holding "
-        "lineage.json.")]) -> None:
-    """The drops and raw file hashes behind a version, a training run or a checkpoint (JSON).
+        metavar="VERSION|RUN_ID|CHECKPOINT_DIR|models:/NAME/N",
+        help=VERSION_HELP + " Or an MLflow training run id (32 hex characters), a checkpoint folder holding "
+        "lineage.json, or a registered model version (models:/radgrounder/N or models:/radgrounder@champion).")]
+) -> None:
+    """The drops and raw file hashes behind a version, a training run, a checkpoint or a registered model (JSON).
 
-    A folder (or lineage.json) is a checkpoint: checkpoint -> training run -> version -> raw files. A hex
+    A registered model version -> its training run -> version -> raw files. A folder (or lineage.json) is a
+    checkpoint: checkpoint -> training run -> version -> raw files. A hex
     value is looked up as a version first; if no version starts with it and it has the 32 characters of an
     MLflow run id, as a training run. "resolved_as" in the output says which it was.
     """
     from radground.errors import ConfigError
-    from radground.lineage import looks_like_run_id, trace_checkpoint, trace_run
+    from radground.lineage import looks_like_run_id, trace_checkpoint, trace_model, trace_run
     from tasks.version import read_manifest
 
     note_data_dir()
+    if target.startswith("models:/"):
+        out.print_json(json.dumps(trace_model(state.settings, target), default=str))
+        return
     path = Path(target).expanduser()
     if "://" in target or (("/" in target or path.name == "lineage.json") and not path.exists()):
         raise ConfigError(f"checkpoint {target}: not a folder on this machine. Give a local checkpoint folder "
@@ -820,6 +884,10 @@ def config_show() -> None:
     """Print the effective settings as JSON (secrets masked)."""
     note_data_dir()
     out.print_json(json.dumps(state.settings.public_dict(), default=str))
+
+
+# The model half (evaluate, predict, models ...) registers its commands on ``app``.
+from radground import cli_model  # noqa: E402, F401
 
 
 def main() -> None:

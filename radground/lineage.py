@@ -21,6 +21,7 @@ name and the input tag ``radground.version_digest`` carry the full digest.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -838,6 +839,285 @@ def _number(text: str) -> Any:
             return text
 
 
+# --------------------------------------------------------------------------- registered models
+# The MLflow model registry side of the audit: registered versions of the model (models/registry.py
+# builds the pyfunc and the promotion gate), their tags, aliases and artifacts, and the walk from a
+# version back to its training run and raw files. Version tags carry digests, run ids, URIs and
+# metrics only, never PHI.
+
+MODEL_URI_PREFIX = "models:/"
+FORGOTTEN_TAG = "radground.contains_forgotten"  # "true": trained on a patient who was forgotten since
+MODEL_TRAINING_RUN_TAG = "radground.training_run"
+MODEL_DIGEST_TAG = "radground.dataset_digest"
+MODEL_ARTIFACTS = "registered_model"  # registered_model/<checkpoint name>/ in the run's artifacts
+_MODEL_URI = re.compile(r"models:/(?P<name>[^/@\s]+)(?:/(?P<version>[0-9]+)|@(?P<alias>[A-Za-z0-9_\-]+))/?")
+
+
+def parse_model_uri(ref: str) -> tuple[str, str | None, str | None]:
+    """``models:/NAME/N`` -> (NAME, "N", None); ``models:/NAME@alias`` -> (NAME, None, "alias")."""
+    found = _MODEL_URI.fullmatch(ref.strip())
+    if not found:
+        raise LineageError(f"model {ref!r}: not a registry reference; expected models:/NAME/VERSION (e.g. "
+                           "models:/radgrounder/3) or models:/NAME@ALIAS (e.g. models:/radgrounder@champion).")
+    return found["name"], found["version"], found["alias"]
+
+
+def _tracking(settings: Settings, uri: str | None) -> str:
+    return tracking_uri(settings, uri)  # the module function: callers' ``tracking_uri`` parameter shadows it
+
+
+def _version_dict(version, aliases: dict[str, str] | None = None) -> dict[str, Any]:
+    """``aliases``: the registered model's {alias: version}, for versions from a search (which carry none)."""
+    from datetime import UTC, datetime
+
+    created = datetime.fromtimestamp(version.creation_timestamp / 1000, UTC).isoformat(timespec="seconds")
+    named = version.aliases if aliases is None else [a for a, v in aliases.items() if str(v) == str(version.version)]
+    return {"name": version.name, "version": str(version.version), "aliases": sorted(named or []),
+            "created": created, "run_id": version.run_id or None, "source": version.source,
+            "status": version.status, "tags": dict(version.tags or {})}
+
+
+def _registered(client, name: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        return False
+    return True
+
+
+def _get_version(client, settings: Settings, name: str, version: str | None, alias: str | None,
+                 tracking_uri: str | None):
+    from mlflow.exceptions import MlflowException
+
+    ref = f"{MODEL_URI_PREFIX}{name}/{version}" if version else f"{MODEL_URI_PREFIX}{name}@{alias}"
+    if not _registered(client, name):
+        raise LineageError(f"model {ref}: there is no registered model {name!r} in "
+                           f"{_safe_uri(settings, tracking_uri)}. Register one first (radground models register "
+                           "RUN_ID|CHECKPOINT).")
+    try:
+        if version:
+            return client.get_model_version(name, version)
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        versions = [_version_dict(v, _aliases(client, name)) for v in _all_versions(client, name)]
+        if version:
+            have = ", ".join(v["version"] for v in versions) or "none"
+            raise LineageError(f"model {ref}: {name!r} has no version {version} (versions: {have}). "
+                               "List them with radground models list.") from None
+        aliases = sorted({a for v in versions for a in v["aliases"]})
+        raise LineageError(f"model {ref}: {name!r} has no alias {alias!r} (aliases: {', '.join(aliases) or 'none'}). "
+                           "Use one of those or a version number (models:/NAME/N).") from None
+
+
+def _aliases(client, name: str) -> dict[str, str]:
+    return {str(k): str(v) for k, v in (client.get_registered_model(name).aliases or {}).items()}
+
+
+def _all_versions(client, name: str | None = None) -> list:
+    found, token = [], None
+    where = f"name = '{name.replace(chr(39), '')}'" if name else None
+    while True:
+        page = client.search_model_versions(where, max_results=1000, page_token=token)
+        found.extend(page)
+        token = page.token
+        if not token:
+            break
+    return found
+
+
+@_mlflow_logs_to_data_dir
+def model_version(settings: Settings, ref: str, *, tracking_uri: str | None = None) -> dict[str, Any]:
+    """One registered version (``models:/NAME/N`` or ``models:/NAME@alias``) as a dict: name, version,
+    aliases, created (UTC ISO), run_id, source (artifact URI), status, tags."""
+    name, version, alias = parse_model_uri(ref)
+    if not _store_exists(settings, tracking_uri):
+        raise LineageError(f"model {ref}: there are no MLflow runs or models under {settings.data_dir.resolve()}. "
+                           "Point at the data_dir that registered it (RADGROUND_DATA_DIR).")
+    client = _client(settings, tracking_uri)
+    return _version_dict(_get_version(client, settings, name, version, alias, tracking_uri))
+
+
+@_mlflow_logs_to_data_dir
+def model_versions(settings: Settings, name: str, *, tracking_uri: str | None = None) -> list[dict[str, Any]]:
+    """Every version of registered model ``name`` (oldest first); [] when it is not registered."""
+    if not _store_exists(settings, tracking_uri):
+        return []
+    client = _client(settings, tracking_uri)
+    if not _registered(client, name):
+        return []
+    aliases = _aliases(client, name)
+    return sorted((_version_dict(v, aliases) for v in _all_versions(client, name)), key=lambda v: int(v["version"]))
+
+
+@_mlflow_logs_to_data_dir
+def run_checkpoint_uri(settings: Settings, run_id: str, *, tracking_uri: str | None = None) -> dict[str, Any]:
+    """A run's checkpoints as its tags name them: {run_id, kind, status, best_checkpoint_uri, checkpoint_uri}."""
+    run = _run_lineage(settings, run_id.strip().lower(), tracking_uri, with_checkpoints=False)
+    return {k: run.get(k) for k in ("run_id", "kind", "status", "best_checkpoint_uri", "checkpoint_uri")}
+
+
+@_mlflow_logs_to_data_dir
+def download_model_version(settings: Settings, ref: str, dest: Path, *, tracking_uri: str | None = None) -> Path:
+    """Download a registered version's artifacts (the pyfunc folder) into ``dest``; returns ``dest``."""
+    version = model_version(settings, ref, tracking_uri=tracking_uri)
+    mlflow = _mlflow()
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    with quiet_mlflow(settings):
+        local = mlflow.artifacts.download_artifacts(artifact_uri=version["source"], dst_path=str(dest),
+                                                    tracking_uri=_tracking(settings, tracking_uri))
+    return Path(local)
+
+
+@contextlib.contextmanager
+def quiet_mlflow(settings: Settings):
+    """MLflow work outside an MlflowClient call (saving a pyfunc, downloading artifacts): its log goes to
+    ``<data_dir>/logs/libraries.log`` and its artifact progress bar stays off (read per call, hence set here)."""
+    switch = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    before = os.environ.get(switch)
+    os.environ[switch] = "false"
+    _mlflow()
+    try:
+        with library_logs_to(settings.data_dir, *MLFLOW_LOGGERS):
+            yield
+    finally:
+        if before is None:
+            os.environ.pop(switch, None)
+        else:
+            os.environ[switch] = before
+
+
+@_mlflow_logs_to_data_dir
+def register_model_folder(settings: Settings, name: str, folder: Path, *, run_id: str | None, run_name: str,
+                          tags: dict[str, str], tracking_uri: str | None = None) -> dict[str, Any]:
+    """Log ``folder`` (an MLflow model folder) into run ``run_id`` (the training run), or, without one, into
+    a new run of the training experiment (tag radground.kind=model-registration); then add it as a new
+    version of registered model ``name`` with ``tags``. Returns the version dict."""
+    from mlflow.exceptions import MlflowException
+
+    _refuse_phi("register_model_folder: tags", tags)
+    embedded = not (tracking_uri or settings.mlflow.tracking_uri)
+    client = _client(settings, tracking_uri)
+    opened = run_id is None
+    if opened:
+        experiment_id = _experiment_id(client, settings, settings.mlflow.train_experiment, embedded)
+        run_id = client.create_run(experiment_id, tags={KIND_TAG: "model-registration",
+                                                        "mlflow.runName": run_name}).info.run_id
+    try:
+        path = f"{MODEL_ARTIFACTS}/{_checkpoint_name(run_name)}"
+        client.log_artifacts(run_id, str(folder), artifact_path=path)
+        source = client.get_run(run_id).info.artifact_uri.rstrip("/") + "/" + path
+        if not _registered(client, name):
+            try:
+                client.create_registered_model(name, description="RadGrounder: grounded radiology VLM (pyfunc over "
+                                               "the save_pretrained checkpoint). Aliases champion / challenger.")
+            except MlflowException:  # created concurrently
+                if not _registered(client, name):
+                    raise
+        version = client.create_model_version(name, source, run_id=run_id, tags=tags)
+    except BaseException:
+        if opened:
+            client.set_terminated(run_id, status="FAILED")
+        raise
+    if opened:
+        client.set_terminated(run_id, status="FINISHED")
+    return _version_dict(client.get_model_version(name, version.version))
+
+
+@_mlflow_logs_to_data_dir
+def set_model_version_tags(settings: Settings, name: str, version: str, tags: dict[str, str], *,
+                           tracking_uri: str | None = None) -> None:
+    """Set tags on a registered version (digests, run ids, metrics: never PHI)."""
+    _refuse_phi("set_model_version_tags", tags)
+    client = _client(settings, tracking_uri)
+    for key, value in tags.items():
+        client.set_model_version_tag(name, str(version), key, str(value))
+
+
+@_mlflow_logs_to_data_dir
+def set_model_alias(settings: Settings, name: str, alias: str, version: str | None, *,
+                    tracking_uri: str | None = None) -> None:
+    """Point ``alias`` at ``version`` (None: delete the alias)."""
+    client = _client(settings, tracking_uri)
+    if version is None:
+        client.delete_registered_model_alias(name, alias)
+    else:
+        client.set_registered_model_alias(name, alias, str(version))
+
+
+@_mlflow_logs_to_data_dir
+def run_start_times(settings: Settings, run_ids: Sequence[str], *, tracking_uri: str | None = None) -> dict[str, int]:
+    """{run_id: start time in ms} of the runs that exist (an unknown id is left out)."""
+    from mlflow.exceptions import MlflowException
+
+    client = _client(settings, tracking_uri)
+    found = {}
+    for run_id in run_ids:
+        try:
+            found[run_id] = client.get_run(run_id).info.start_time or 0
+        except MlflowException:
+            continue
+    return found
+
+
+def _models_trained_by(client, run_ids: set[str]) -> list[dict[str, Any]]:
+    """Registered versions (any registered model) whose training run is one of ``run_ids``: the run the
+    version was logged into, or its radground.training_run tag."""
+    if not run_ids:
+        return []
+    found, aliases = [], {}
+    for version in _all_versions(client):
+        tags = dict(version.tags or {})
+        run = tags.get(MODEL_TRAINING_RUN_TAG) or version.run_id
+        if run in run_ids or version.run_id in run_ids:
+            if version.name not in aliases:
+                aliases[version.name] = _aliases(client, version.name)
+            found.append({"name": version.name, "version": str(version.version),
+                          "uri": f"{MODEL_URI_PREFIX}{version.name}/{version.version}",
+                          "aliases": _version_dict(version, aliases[version.name])["aliases"],
+                          "training_run_id": run,
+                          "contains_forgotten": tags.get(FORGOTTEN_TAG) == "true"})
+    return sorted(found, key=lambda m: (m["name"], int(m["version"])))
+
+
+@_mlflow_logs_to_data_dir
+def tag_forgotten_models(settings: Settings, models: Sequence[dict], *, tracking_uri: str | None = None) -> list[dict]:
+    """Tag each registered version in ``models`` (training_use's ``models``) ``radground.contains_forgotten=true``;
+    returns them with ``contains_forgotten`` set. The promotion gate refuses such a version."""
+    client = _client(settings, tracking_uri)
+    tagged = []
+    for model in models:
+        client.set_model_version_tag(model["name"], str(model["version"]), FORGOTTEN_TAG, "true")
+        tagged.append({**model, "contains_forgotten": True})
+    return tagged
+
+
+def trace_model(settings: Settings, ref: str, *, tracking_uri: str | None = None) -> dict:
+    """Walk back a registered version: ``models:/NAME/N`` (or @alias) -> training run -> version -> drops and
+    raw sha256s. Returns trace_run's dict with ``resolved_as: "registered_model"`` and ``model``
+    ({name, version, aliases, created, run_id, source, tags}); a version registered from a checkpoint
+    without a training run walks back through its radground.dataset_digest tag."""
+    version = model_version(settings, ref, tracking_uri=tracking_uri)
+    run_id = version["tags"].get(MODEL_TRAINING_RUN_TAG) or None
+    if run_id:
+        with quiet_mlflow(settings):  # trace_run downloads each checkpoint's lineage.json
+            traced = trace_run(settings, run_id, tracking_uri=tracking_uri)
+        digest = version["tags"].get(MODEL_DIGEST_TAG)
+        if digest and digest != traced["dataset"]["digest"]:
+            raise LineageError(f"model {ref}: its tag {MODEL_DIGEST_TAG} names version {digest[:16]}, but its training "
+                               f"run {run_id} logged {traced['dataset']['digest'][:16]}. The version was registered "
+                               "with a checkpoint of another run: register the run's own checkpoint.")
+        return {**traced, "resolved_as": "registered_model", "model": version}
+    digest = version["tags"].get(MODEL_DIGEST_TAG)
+    if not digest:
+        raise LineageError(f"model {ref}: the version has neither a {MODEL_TRAINING_RUN_TAG} nor a {MODEL_DIGEST_TAG} "
+                           "tag, so nothing leads back to raw files. Register models with radground models register.")
+    return {"resolved_as": "registered_model", "model": version, "training_run": None, "checkpoints": [],
+            "dataset": {"digest": digest, "splits": None}, "version": _version_trace(settings, digest)}
+
+
 # --------------------------------------------------------------------------- where a patient was trained on
 
 
@@ -864,14 +1144,16 @@ def training_use(settings: Settings, pseudonym: str, versions: Sequence[str], *,
     (``radground.splits``: train, val); a patient only in ``test`` was not trained on. Returns
     {training_runs: [{run_id, experiment, version_digest, split, status, ray_run_name, checkpoints}],
     evaluated_on: [evaluation runs of a version holding the patient, with the split],
-    checkpoints: [every checkpoint of those training runs: {uri, step, val_loss, best, training_run_id}]}.
+    checkpoints: [every checkpoint of those training runs: {uri, step, val_loss, best, training_run_id}],
+    models: [registered model versions trained by those runs: {name, version, uri, aliases, training_run_id,
+    contains_forgotten}]}.
     A version whose splits.parquet is not here counts as used (split "unknown"): an audit must not miss one.
     """
     if runs is None:
         runs = runs_using(settings, versions, tracking_uri=tracking_uri) if versions else []
     used = [r for r in runs if r.get("context") in (TRAIN_CONTEXT, EVAL_CONTEXT)]
     if not used:
-        return {"training_runs": [], "evaluated_on": [], "checkpoints": []}
+        return {"training_runs": [], "evaluated_on": [], "checkpoints": [], "models": []}
     split_of = patient_splits(settings, pseudonym, sorted({r["version_digest"] for r in used}))
     return _training_use(settings, used, split_of, tracking_uri)
 
@@ -896,4 +1178,96 @@ def _training_use(settings: Settings, used: Sequence[dict], split_of: dict, trac
         row["checkpoints"] = _logged_checkpoints(client, run)
         checkpoints.extend(row["checkpoints"])
         trained.append(row)
-    return {"training_runs": trained, "evaluated_on": evaluated, "checkpoints": checkpoints}
+    models = _models_trained_by(client, {r["run_id"] for r in trained})
+    return {"training_runs": trained, "evaluated_on": evaluated, "checkpoints": checkpoints, "models": models}
+
+
+# --------------------------------------------------------------------------- evaluation runs
+
+EVAL_KIND = "evaluation"  # the radground.kind of an evaluation run
+TEST_SET_TAG = "radground.test_set"  # e.g. version-<digest16>-test, slake-test-<digest12>
+TEST_SET_KINDS = ("version", "benchmark")
+
+
+def _eval_params(model: dict, test_set: dict, prompts: dict[str, str]) -> dict[str, str]:
+    values: dict[str, str] = {}
+    for prefix, mapping in (("test_set", test_set), ("model", model), ("prompt", prompts)):
+        for key, value in sorted(mapping.items()):
+            text = "" if value is None else _without_userinfo(str(value))
+            values[_KEY_CHARS.sub("_", f"{prefix}.{key}")] = text[:_PARAM_VALUE_MAX]
+    values["code_version"] = radground.__version__
+    return values
+
+
+def _eval_metrics(metrics: dict[str, dict]) -> dict[str, float]:
+    """{section: {metric: value}} -> {"section.metric": value}, numbers only (an empty section's None
+    values are left out: MLflow has no missing value)."""
+    flat: dict[str, float] = {}
+    for section, values in metrics.items():
+        for name, value in (values or {}).items():
+            if _is_number(value) and math.isfinite(float(value)):
+                flat[_KEY_CHARS.sub("_", f"{section}.{name}")] = float(value)
+    return flat
+
+
+@_mlflow_logs_to_data_dir
+def log_evaluation(settings: Settings, *, model: dict, test_set: dict, prompts: dict[str, str],
+                   metrics: dict[str, dict], files: Sequence[Path], tracking_uri: str | None = None) -> str:
+    """Record one evaluation as a (finished) run of experiment ``mlflow.eval_experiment``; returns its id.
+
+    ``model``: {ref, kind, run_id, model_name, model_version, dataset_digest} (None where unknown), or
+    {ref: "predictions", kind: "predictions", sha256} for a predictions file. ``test_set``: {kind:
+    version|benchmark, name, split, digest, key}. Tags ``radground.kind=evaluation`` and
+    ``radground.test_set=<key>``; params ``test_set.*``, ``model.*``, ``prompt.<task.language>``,
+    code_version; metrics ``<section>.<metric>``; ``files`` as artifacts. A version test set is
+    also the run's input dataset (context ``evaluation``, the version digest, ``radground.splits`` =
+    the split), so where-used lists the run under ``evaluated_on``. Anything holding a pseudonym
+    (the arguments, or a file's text) is refused before the run is created.
+    """
+    kind, key, split, digest = (test_set.get(k) for k in ("kind", "key", "split", "digest"))
+    if kind not in TEST_SET_KINDS or not key or not split or not digest:
+        raise LineageError("log_evaluation: test_set needs kind (version or benchmark), name, split, digest and key; "
+                           "pass the test_set that models/evaluation.py builds.")
+    if kind == "version" and not re.fullmatch(r"[0-9a-f]{16,64}", str(digest)):
+        raise LineageError(f"log_evaluation: test_set digest {digest!r} is not a version digest (16 to 64 "
+                           "lower-case hex characters). Pass the manifest's digest.")
+    _refuse_phi("log_evaluation: model/test_set/prompts/metrics", [model, test_set, prompts, metrics])
+    paths = [Path(f) for f in files]
+    for path in paths:
+        if not path.is_file():
+            raise LineageError(f"log_evaluation: file {path} does not exist; expected metrics.json or samples.csv "
+                               "written by the evaluation.")
+        if PSEUDONYM_PATTERN.search(path.read_text(encoding="utf-8", errors="replace")):
+            raise LineageError(f"log_evaluation: {path.name} holds a patient pseudonym; MLflow must never see one. "
+                               "Evaluation outputs carry de-identified UIDs only.")
+    mlflow = _mlflow()
+    from mlflow.entities import DatasetInput, InputTag, Metric, Param
+
+    embedded = not (tracking_uri or settings.mlflow.tracking_uri)
+    client = _client(settings, tracking_uri)
+    experiment_id = _experiment_id(client, settings, settings.mlflow.eval_experiment, embedded)
+    tags = {KIND_TAG: EVAL_KIND, TEST_SET_TAG: str(key), "mlflow.runName": f"eval-{key}"}
+    if kind == "version":
+        tags[VERSION_TAG] = str(digest)
+    run_id = client.create_run(experiment_id, tags=tags).info.run_id
+    try:
+        params = [Param(k, v) for k, v in _eval_params(model, test_set, prompts).items()]
+        for start in range(0, len(params), _BATCH_MAX):
+            client.log_batch(run_id, params=params[start:start + _BATCH_MAX])
+        now = int(1000 * time.time())
+        values = [Metric(k, v, now, 0) for k, v in _eval_metrics(metrics).items()]
+        for start in range(0, len(values), 1000):
+            client.log_batch(run_id, metrics=values[start:start + 1000])
+        for path in paths:
+            client.log_artifact(run_id, str(path))
+        if kind == "version":
+            dataset = _training_dataset(mlflow, settings, str(digest), {str(split): {}})
+            client.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=[
+                InputTag("mlflow.data.context", EVAL_CONTEXT), InputTag(VERSION_TAG, str(digest)),
+                InputTag(SPLITS_TAG, str(split))])])
+    except BaseException:
+        client.set_terminated(run_id, status="FAILED")
+        raise
+    client.set_terminated(run_id, status="FINISHED")
+    logger.info("lineage: evaluation on %s recorded as MLflow run %s (%d metrics)", key, run_id, len(values))
+    return run_id

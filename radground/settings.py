@@ -285,6 +285,8 @@ class MlflowSettings(_Group):
     train_experiment: str = Field(default="training", min_length=1, description="MLflow experiment of the "
                                   "training runs (each logs its dataset version as input, its metrics and the "
                                   "lineage.json of its checkpoints).")
+    eval_experiment: str = Field(default="evaluation", min_length=1, description="MLflow experiment of the "
+                                 "evaluations (each logs its test set, prompt, metrics.json and per-sample CSV).")
 
 
 class TrainSettings(_Group):
@@ -343,6 +345,16 @@ class ModelSettings(_Group):
         default=None, description="Local folder of a PaliGemma-2 3B 224 px checkpoint (config.json, "
         "safetensors, tokenizer and preprocessor files, e.g. google/paligemma2-3b-pt-224 fetched beforehand); "
         "needed by the paligemma2-3b-224 preset.")
+    registry_name: str = Field(default="radgrounder", min_length=1, description="MLflow registered model that "
+                               "`radground models register` adds versions to (aliases champion / challenger).")
+    promotion_metrics: list[str] = Field(
+        default=["all.accuracy", "all.f1", "report.f1", "grounding.f1_iou50"], min_length=1,
+        description="Test metrics (section.metric of metrics.json) the promotion gate compares; those both the "
+        "challenger and the champion have on the same test set count.")
+    promotion_tolerance: float = Field(default=0.01, ge=0, description="A challenger is promoted when each "
+                                       "compared metric is >= the champion's minus this (absolute).")
+    max_new_tokens: int = Field(default=64, ge=1, description="Tokens generated per answer (greedy) by "
+                                "evaluate and predict.")
 
 
 # Fields that change how fast or where work runs, never what a stage produces: they stay out

@@ -52,7 +52,7 @@ import pyarrow.parquet as pq
 from radground.buildstate import STAGES, DropRegistry, forget_patients, rebuild_lock
 from radground.dvc import DvcRepo
 from radground.errors import RadgroundError
-from radground.lineage import runs_using, tag_runs, training_use
+from radground.lineage import runs_using, tag_forgotten_models, tag_runs, training_use
 from radground.settings import Settings
 from radground.store import ObjectStore, open_store
 from radground.tables import arrow_reader, parquet_bytes
@@ -580,11 +580,15 @@ def purge(settings: Settings, pseudonym: str, *, older: Older = "rewrite", dry_r
                                           "studies": len(footprint.studies)}} | _plan_summary(plan, settings)
         used = training_use(settings, pseudonym, sorted({r["version_digest"] for r in plan.runs}), runs=plan.runs)
         report["training_runs"], report["checkpoints"] = used["training_runs"], used["checkpoints"]
-        report["model_registry"] = ("not checked: radground has no model registry yet (comes with the model issues). "
-                                    "The purge does not change model weights: the checkpoints listed were trained on "
-                                    "the patient; retrain without them and delete those checkpoints")
+        report["models"] = used["models"]
+        report["model_registry"] = ("The purge does not change model weights: the checkpoints and registered model "
+                                    "versions listed were trained on the patient (a purge, not a dry run, tags those "
+                                    "versions radground.contains_forgotten=true, so promotion refuses them); retrain "
+                                    "without the patient and delete those checkpoints")
         if dry_run:
             return report
+        if used["models"]:  # the registry learns of it first: a promotion racing this purge is refused
+            report["models"] = tag_forgotten_models(settings, used["models"])
 
         forget_patients(settings, [pseudonym])  # first: whatever happens next, no later version has them
         before = latest_version_dir(settings)

@@ -372,9 +372,10 @@ def forget(settings: Settings, pseudonym: str, *, not_yet_delivered: bool = Fals
     version yet), rows_removed per table, still_in_versions (earlier versions that hold the
     patient: delete or supersede them, or purge), runs (MLflow runs that used those versions),
     training_runs (the training runs that read the patient's train/val split of one of them, with the
-    split) and checkpoints (those runs' checkpoints: trained on the patient, not changed by a forget)}.
+    split), checkpoints (those runs' checkpoints: trained on the patient, not changed by a forget) and
+    models (the registered model versions those runs trained, now tagged radground.contains_forgotten=true)}.
     """
-    from radground.lineage import lineage_index
+    from radground.lineage import lineage_index, tag_forgotten_models
     from tasks.purge import in_stage_outputs, in_versions
 
     with rebuild_lock(settings, command="forget"):
@@ -387,7 +388,7 @@ def forget(settings: Settings, pseudonym: str, *, not_yet_delivered: bool = Fals
         forget_patients(settings, [pseudonym])
         if not found:
             return {"patient_pseudonym": pseudonym, "not_yet_delivered": True, "version": None, "rows_removed": {},
-                    "still_in_versions": [], "runs": [], "training_runs": [], "checkpoints": [],
+                    "still_in_versions": [], "runs": [], "training_runs": [], "checkpoints": [], "models": [],
                     "done": "not in any version or stage output: recorded on the exclusion list "
                             f"({settings.data_dir.resolve() / 'state' / 'forgotten.json'}); no version written. "
                             "Every later version leaves this patient out (a later delivery still reaches the "
@@ -395,15 +396,18 @@ def forget(settings: Settings, pseudonym: str, *, not_yet_delivered: bool = Fals
         before = latest_version_dir(settings)
         if before is None:
             return {"patient_pseudonym": pseudonym, "version": None, "rows_removed": {}, "still_in_versions": [],
-                    "runs": [], "training_runs": [], "checkpoints": []}
+                    "runs": [], "training_runs": [], "checkpoints": [], "models": []}
         summary = publish([], settings, {}, {}, reason="forget")
     old_rows = {name: entry.rows for name, entry in read_manifest(before).tables.items()}
     removed = {name: old_rows.get(name, 0) - rows for name, rows in summary["rows"].items()}
     lineage = settings.data_dir.resolve() / "lineage"
     used = lineage_index(lineage, settings=settings).where_used(pseudonym) if any(lineage.glob("*.parquet")) else {}
+    # registered model versions trained on the patient: tagged so the promotion gate refuses them
+    models = tag_forgotten_models(settings, used["models"]) if used.get("models") else []
     result = {"patient_pseudonym": pseudonym, "version": summary, "rows_removed": removed,
               "still_in_versions": used.get("versions", []), "runs": used.get("runs", []),
-              "training_runs": used.get("training_runs", []), "checkpoints": used.get("checkpoints", [])}
+              "training_runs": used.get("training_runs", []), "checkpoints": used.get("checkpoints", []),
+              "models": models}
     if used.get("evaluated_on"):
         result["evaluated_on"] = used["evaluated_on"]
     return result
