@@ -209,7 +209,7 @@ _IMAGE_KEY_COLUMNS = ["image_id", "patient_pseudonym", "study_uid", "modality", 
 _PIXEL_COLUMNS = ["image_id", "modality", "pixel_dtype", "rows", "cols", "pixels"]
 
 
-def _read_table(version_dir: Path, manifest: Any, name: str, columns: list[str] | None,
+def read_version_table(version_dir: Path, manifest: Any, name: str, columns: list[str] | None,
                 patients: pa.Array) -> pa.Table | None:
     """One table of the version, filtered to the split's patients; None when the version has no such table."""
     entry = manifest.tables.get(name)
@@ -265,10 +265,10 @@ class VersionDataset(Dataset):
         self.patients = frozenset(p for p, s in splits.items() if s == split)
         wanted = pa.array(sorted(self.patients), pa.string())
 
-        self._grounding = _read_table(self.version_dir, self.manifest, "grounding", _GROUNDING_COLUMNS, wanted)
-        self._reports = _read_table(self.version_dir, self.manifest, "reports",
+        self._grounding = read_version_table(self.version_dir, self.manifest, "grounding", _GROUNDING_COLUMNS, wanted)
+        self._reports = read_version_table(self.version_dir, self.manifest, "reports",
                                     ["study_uid", "patient_pseudonym", "language", "text", "sentences"], wanted)
-        self._vqa = _read_table(self.version_dir, self.manifest, "vqa", ["study_uid", "image_id",
+        self._vqa = read_version_table(self.version_dir, self.manifest, "vqa", ["study_uid", "image_id",
                                 "patient_pseudonym", "language", "question", "answer", "choices"], wanted)
         self._grounding_rows = {} if self._grounding is None else _index(self._grounding.column("image_id").to_pylist())
         self._report_rows = {} if self._reports is None else _index(self._reports.column("study_uid").to_pylist())
@@ -345,6 +345,22 @@ class VersionDataset(Dataset):
     def image_ids(self) -> list[str]:
         return [e.image_id for e in self._entries]
 
+    # -- what evaluation reads (models/evaluation.py): the same index and label rows training uses
+    @property
+    def entries(self) -> list[_Entry]:
+        """The items, in index order (one per labelled slice of the split)."""
+        return list(self._entries)
+
+    @property
+    def report_studies(self) -> list[str]:
+        """Study UIDs of the split with a report row, in table order."""
+        return list(self._report_rows)
+
+    def grounding_rows(self, image_id: str) -> list[dict]:
+        """The grounding rows of one slice (every language), as dicts of the grounding columns read."""
+        rows = self._grounding_rows.get(image_id)
+        return [] if not rows else self._grounding.take(pa.array(rows, pa.int64())).to_pylist()
+
     def blocks(self) -> list[list[int]]:
         """Item indices grouped by the pixel row group they are read from (see :class:`BlockShuffleSampler`)."""
         groups: dict[tuple[int, int], list[int]] = defaultdict(list)
@@ -358,12 +374,12 @@ class VersionDataset(Dataset):
         index %= len(self)
         entry = self._entries[index]
         rng = random.Random(f"{self.seed}:{self.epoch}:{index}")
-        values, modality = self._pixels(entry)
+        values, modality = self.pixels(entry)
         if entry.grounded:
             task = self.grounding if self.grounding != "mixed" else rng.choice(("detection", "segmentation"))
             prefix, suffix, masks, language = self._grounded(entry, task, rng)
         else:
-            reports = self._report_languages(entry)
+            reports = self.report_languages(entry)
             questions = self._vqa_items(entry)
             options = [t for t, ok in (("report", bool(reports)), ("vqa", bool(questions))) if ok]
             task = rng.choice(options)
@@ -380,7 +396,8 @@ class VersionDataset(Dataset):
                       language=language, task=task, image_id=entry.image_id, patient_pseudonym=entry.patient)
 
     # -- pixels
-    def _pixels(self, entry: _Entry) -> tuple[np.ndarray, str]:
+    def pixels(self, entry: _Entry) -> tuple[np.ndarray, str]:
+        """An item's stored pixels (HU for CT, raw MR values) and modality, before windowing."""
         key = (entry.shard, entry.row_group)
         group = self._cache.get(key)
         if group is None:
@@ -404,7 +421,7 @@ class VersionDataset(Dataset):
     # -- grounded captioning
     def _grounded(self, entry: _Entry, task: str, rng: random.Random
                   ) -> tuple[str, str, list[torch.Tensor], str]:
-        rows = self._grounding.take(pa.array(self._grounding_rows[entry.image_id], pa.int64())).to_pylist()
+        rows = self.grounding_rows(entry.image_id)
         language = rng.choice(sorted({r["language"] for r in rows}))
         by_sentence: dict[int, list[dict]] = defaultdict(list)
         for r in rows:
@@ -415,16 +432,16 @@ class VersionDataset(Dataset):
         for index in sorted(by_sentence):
             group = by_sentence[index]
             sentence = group[0]["sentence"]
-            spans = _spans_in_text_order(group)
+            spans = spans_in_text_order(group)
             if task == "detection":
-                pieces.append(tokens.encode_detection(sentence, _detection_spans(spans), IMAGE_SIZE, IMAGE_SIZE))
+                pieces.append(tokens.encode_detection(sentence, detection_spans(spans), IMAGE_SIZE, IMAGE_SIZE))
             else:
                 pieces.append(tokens.encode_segmentation(sentence, [(s, e) for (s, e), _ in spans]))
-                masks += [_span_mask(span_rows) for _, span_rows in spans]
+                masks += [span_mask(span_rows) for _, span_rows in spans]
         return PROMPTS[task][language], " ".join(pieces), masks, language
 
     # -- report and VQA
-    def _report_languages(self, entry: _Entry) -> dict[str, str]:
+    def report_languages(self, entry: _Entry) -> dict[str, str]:
         """language -> report text, for the study's report and, where every sentence has one, its translation."""
         out: dict[str, str] = {}
         for n in self._report_rows.get(entry.study_uid, []):
@@ -446,7 +463,7 @@ class VersionDataset(Dataset):
         return dict(out)
 
 
-def _spans_in_text_order(rows: list[dict]) -> list[tuple[tuple[int, int], list[dict]]]:
+def spans_in_text_order(rows: list[dict]) -> list[tuple[tuple[int, int], list[dict]]]:
     """Grounding rows of one sentence -> ((start, end), rows) per keyword span, in text order.
 
     A span overlapping an earlier (or longer, same-start) one is left out: the token format
@@ -464,7 +481,7 @@ def _spans_in_text_order(rows: list[dict]) -> list[tuple[tuple[int, int], list[d
     return kept
 
 
-def _detection_spans(spans: list[tuple[tuple[int, int], list[dict]]]) -> list[tokens.GroundedSpan]:
+def detection_spans(spans: list[tuple[tuple[int, int], list[dict]]]) -> list[tokens.GroundedSpan]:
     """One GroundedSpan per (span, class) on the 224 grid; a class's components become their union box."""
     out = []
     for (start, end), rows in spans:
@@ -479,7 +496,7 @@ def _detection_spans(spans: list[tuple[tuple[int, int], list[dict]]]) -> list[to
     return out
 
 
-def _span_mask(rows: list[dict]) -> torch.Tensor:
+def span_mask(rows: list[dict]) -> torch.Tensor:
     """The union of every class mask (and component) grounded to one span, resized to 224."""
     union = None
     for r in rows:

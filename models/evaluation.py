@@ -192,14 +192,14 @@ def _study_entry(entries: list) -> Any:
 def _version_items(settings: Any, ds: Any, *, with_grounding: bool) -> list[EvalItem]:
     """The split's VQA rows, reports and (``with_grounding``) grounded slices, in a fixed order.
 
-    Uses VersionDataset's index (entries, label tables, ``_pixels``) so the images, report texts and
+    Uses VersionDataset's index (entries, label rows, ``pixels``) so the images, report texts and
     grounding references are exactly those training sees.
     """
     import pyarrow as pa
 
-    from models.data import _read_table, model_pixels
+    from models.data import model_pixels, read_version_table
 
-    entries = ds._entries
+    entries = ds.entries
     by_image = {e.image_id: e for e in entries}
     by_study: dict[str, list] = defaultdict(list)
     for e in entries:
@@ -207,13 +207,14 @@ def _version_items(settings: Any, ds: Any, *, with_grounding: bool) -> list[Eval
 
     def loader(entry: Any) -> Callable[[], torch.Tensor]:
         def load() -> torch.Tensor:
-            values, modality = ds._pixels(entry)
+            values, modality = ds.pixels(entry)
             return model_pixels(values, modality)
         return load
 
     items: list[EvalItem] = []
     # VQA: every row of the split's patients, in table order; qid = image (or study) UID + position.
-    vqa = _read_table(ds.version_dir, ds.manifest, "vqa", _VQA_COLUMNS, pa.array(sorted(ds.patients), pa.string()))
+    vqa = read_version_table(ds.version_dir, ds.manifest, "vqa", _VQA_COLUMNS,
+                             pa.array(sorted(ds.patients), pa.string()))
     seen: dict[str, int] = defaultdict(int)
     skipped = 0
     for row in ([] if vqa is None else vqa.to_pylist()):
@@ -233,12 +234,12 @@ def _version_items(settings: Any, ds: Any, *, with_grounding: bool) -> list[Eval
             language=row["language"], prompt=vqa_prompt(row["question"], row["language"], choices),
             reference=row["answer"].strip(), pixels=loader(entry)))
     # Reports: one item per study and language (the report's own, and its full translation).
-    for study in ds._report_rows:
+    for study in ds.report_studies:
         if not by_study.get(study):
             skipped += 1
             continue
         entry = _study_entry(by_study[study])
-        for language, text in sorted(ds._report_languages(entry).items()):
+        for language, text in sorted(ds.report_languages(entry).items()):
             items.append(EvalItem(qid=f"report:{study}:{language}", task="report", answer_type="",
                                   language=language, prompt=PROMPTS["report"][language], reference=text,
                                   pixels=loader(entry)))
@@ -254,15 +255,14 @@ def _grounding_items(settings: Any, ds: Any, loader: Callable) -> list[EvalItem]
     """One item per grounded slice, language and task; the reference is built as models/data.py builds
     the training target: spans in text order, detection boxes per (span, class) as the union box of the
     class's components on the 224 grid, segmentation masks per span (union of its classes) resized to 224."""
-    import pyarrow as pa
 
-    from models.data import _detection_spans, _span_mask, _spans_in_text_order
+    from models.data import detection_spans, span_mask, spans_in_text_order
 
     items: list[EvalItem] = []
-    for entry in ds._entries:
+    for entry in ds.entries:
         if not entry.grounded:
             continue
-        rows = ds._grounding.take(pa.array(ds._grounding_rows[entry.image_id], pa.int64())).to_pylist()
+        rows = ds.grounding_rows(entry.image_id)
         for language in sorted({r["language"] for r in rows}):
             by_sentence: dict[int, list[dict]] = defaultdict(list)
             for r in rows:
@@ -273,11 +273,11 @@ def _grounding_items(settings: Any, ds: Any, loader: Callable) -> list[EvalItem]
                 for index in sorted(by_sentence):
                     group = by_sentence[index]
                     sentence = group[0]["sentence"]
-                    spans = _spans_in_text_order(group)
+                    spans = spans_in_text_order(group)
                     if task == "detection":
-                        reference += [(sentence[s.start:s.end], s.box) for s in _detection_spans(spans)]
+                        reference += [(sentence[s.start:s.end], s.box) for s in detection_spans(spans)]
                     else:
-                        reference += [(sentence[s:e], _span_mask(span_rows).numpy()) for (s, e), span_rows in spans]
+                        reference += [(sentence[s:e], span_mask(span_rows).numpy()) for (s, e), span_rows in spans]
                 items.append(EvalItem(qid=f"{task}:{entry.image_id}:{language}", task=task, answer_type="",
                                       language=language, prompt=PROMPTS[task][language],
                                       reference="; ".join(k for k, _ in reference), pixels=loader(entry),

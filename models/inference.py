@@ -47,8 +47,8 @@ from radground.labels import label_map
 from radground.masks import bbox_of, encode_rle
 from radground.schemas import GroundingRecord
 from radground.tokens import GroundedSpan
-from tasks.discover import FileHeader, Rejection, _file_problem, _plan_series, _scan_one, quiet_dicom, read_dataset
-from tasks.ingest import _is_truncated, _modality_values
+from tasks.discover import FileHeader, Rejection, file_problem, plan_series, quiet_dicom, read_dataset, scan_one
+from tasks.ingest import is_truncated, modality_values
 
 log = logging.getLogger(__name__)
 
@@ -125,9 +125,9 @@ def read_slice(settings: Any, path: Path | str, slice_index: int | None = None) 
                 raise PredictError(f"predict: an input file cannot be read ({type(exc).__name__}); check its "
                                    "permissions.") from None
             # The label stands in for the path inside the header object: nothing there may carry a file name.
-            scanned = _scan_one(str(number), data, studies_seen)
+            scanned = scan_one(str(number), data, studies_seen)
             problem = ((scanned.reason, scanned.detail) if isinstance(scanned, Rejection)
-                       else _file_problem(scanned, settings))
+                       else file_problem(scanned, settings))
             if problem is not None and problem[0] in IDENTITY_REASONS:
                 problem = None
             if problem is not None:
@@ -152,7 +152,7 @@ def read_slice(settings: Any, path: Path | str, slice_index: int | None = None) 
                            "one. Pass a folder with the files of one series only, or one file of the series "
                            "you want.")
     series_files = next(iter(by_series.values()))
-    plan, rejected = _plan_series("predict", series_files, False, settings)
+    plan, rejected = plan_series("predict", series_files, False, settings)
     if plan is None:
         reason, detail = rejected[0][1], rejected[0][2]
         raise _unusable(reason, detail, "the input folder's series")
@@ -180,9 +180,9 @@ def _decode(data: bytes, sha: str, what: str) -> np.ndarray:
     with quiet_dicom():
         try:
             ds, cut_short = read_dataset(data)
-            if cut_short or _is_truncated(ds):
+            if cut_short or is_truncated(ds):
                 raise _unusable("truncated", "the file ends inside the pixel data; re-export it", what)
-            values = _modality_values(ds)
+            values = modality_values(ds)
         except PredictError:
             raise
         except NotImplementedError:
@@ -282,7 +282,7 @@ def render_prediction(image: DicomSlice, found: Sequence[dict[str, Any]], plain:
     base = Image.fromarray(np.round(rgb).astype(np.uint8), mode="RGB")
     layer = Image.new("RGBA", base.size, (0, 0, 0, 0))
     draw = ImageDraw.Draw(layer)
-    font = overlay._font(scale)
+    font = overlay.label_font(scale)
     taken: list[tuple[float, float, float, float]] = []
     for g, colour in zip(masks, colours, strict=True):
         if g["box"] is None:
@@ -290,7 +290,7 @@ def render_prediction(image: DicomSlice, found: Sequence[dict[str, Any]], plain:
         x1, y1, x2, y2 = (v * scale for v in g["box"])
         draw.rectangle([x1, y1, x2 - 1, y2 - 1], outline=colour + (255,), width=max(1, scale))
         text_h = draw.textbbox((0, 0), g["keyword"], font=font)[3] + 4
-        overlay._text_box(draw, (x1, y1 - text_h if y1 >= text_h else y2), g["keyword"], font, colour, base.size,
+        overlay.text_box(draw, (x1, y1 - text_h if y1 >= text_h else y2), g["keyword"], font, colour, base.size,
                           taken)
     return Image.alpha_composite(base.convert("RGBA"), layer).convert("RGB")
 

@@ -723,6 +723,48 @@ def datasets_pull(version: Annotated[str, typer.Argument(metavar="VERSION", help
     out.print(f"version pulled into [bold]{folder}[/]")
 
 
+@datasets_app.command("retire")
+def datasets_retire(
+    apply: Annotated[bool, typer.Option("--apply/--dry-run", help="--dry-run (the default) prints the plan and "
+                                        "changes nothing; --apply retires the versions it lists.")] = False,
+) -> None:
+    """Retire old dataset versions: remove their shards and splits (manifests are kept forever),
+    their DVC objects no other version uses (cache and remote), and tag the MLflow runs that used them.
+
+    Kept: the latest, pinned ones (retention.pinned), those a registered model was trained on, the
+    retention.keep_last newest and those younger than retention.keep_days (a version holding a
+    forgotten patient is kept only as the latest, pinned or for a model). Runs under the rebuild lock.
+    """
+    from tasks.retention import retire
+
+    note_data_dir()
+    report = retire(state.settings, dry_run=not apply)
+    table = Table(Column("version", no_wrap=True, min_width=FOLDER_DIGEST_LENGTH, overflow="ignore"),
+                  Column("created (UTC)", no_wrap=True), "action", "why", Column("files", justify="right"),
+                  Column("bytes", justify="right"))
+    for item in report["retired"]:
+        why = "older than the rules keep" + ("; holds a forgotten patient" if item["holds_forgotten"] else "")
+        table.add_row(item["version"], item["created_at"][:16].replace("T", " "),
+                      "retire" if report["dry_run"] else "retired", why, str(item["files"]), f"{item['bytes']:,}")
+    for name, reason in report["kept"].items():
+        table.add_row(name, "", "keep", reason, "", "")
+    if report["retired"] or report["kept"]:
+        out.print(table)
+    dvc = report["dvc"]
+    verb = "would retire" if report["dry_run"] else "retired"
+    freed = (f"{dvc.get('dvc_objects', 0)} DVC object(s), {dvc.get('dvc_cache_bytes', 0):,} bytes in the cache"
+             if report["dry_run"] else f"{dvc.get('dvc_cache_objects_deleted', 0)} DVC cache object(s) and "
+             f"{dvc.get('dvc_remote_objects_deleted', 0)} remote object(s) deleted")
+    runs = len(report["mlflow_runs"] if report["dry_run"] else report["mlflow_runs_tagged"])
+    out.print(f"{verb} {report['versions']} version(s): {report['files']} file(s), {report['bytes']:,} bytes; "
+              f"{freed}; {runs} MLflow run(s) {'to tag' if report['dry_run'] else 'tagged'} radground.retired=true; "
+              f"kept {len(report['kept'])}, retired earlier {len(report['already_retired'])}.",
+              highlight=False, markup=False)
+    if report["dry_run"] and report["versions"]:
+        console.print("dry run: nothing was changed. Run `radground datasets retire --apply` to retire them.",
+                      highlight=False, markup=False)
+
+
 def _lineage():
     from radground.lineage import lineage_index
 
@@ -884,6 +926,15 @@ def config_show() -> None:
     """Print the effective settings as JSON (secrets masked)."""
     note_data_dir()
     out.print_json(json.dumps(state.settings.public_dict(), default=str))
+
+
+@config_app.command("reference")
+def config_reference() -> None:
+    """Print the settings reference (Markdown: every setting, its environment variable, type, default
+    and description), generated from the settings model; docs/settings.md is the same text."""
+    from radground.reference_docs import settings_markdown
+
+    sys.stdout.write(settings_markdown())
 
 
 # The model half (evaluate, predict, models ...) registers its commands on ``app``.

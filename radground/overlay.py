@@ -55,7 +55,7 @@ def _check_grid(shape: tuple[int, int], records: Sequence[MaskRecord | Grounding
                              f"the pixels' {shape[0]}x{shape[1]}; pass the masks of this slice.")
 
 
-def _font(scale: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+def label_font(scale: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     size = 10 + 2 * scale  # 14 px on a 256-px slice at scale 2
     try:  # DejaVu has every umlaut; Pillow's bundled default font lacks some ("Wirbelkörper")
         return ImageFont.truetype("DejaVuSans.ttf", size)
@@ -67,7 +67,7 @@ def _font(scale: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
         return ImageFont.load_default()
 
 
-def _text_box(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, font, fill: tuple[int, int, int],
+def text_box(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, font, fill: tuple[int, int, int],
               bounds: tuple[int, int], taken: list[tuple[float, float, float, float]]) -> None:
     """Text on a dark backing box, pushed inside the picture and below labels already placed."""
     left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
@@ -105,7 +105,7 @@ def render_overlay(pixels: np.ndarray, modality: str, masks: Sequence[MaskRecord
 
     layer = Image.new("RGBA", size, (0, 0, 0, 0))  # boxes and text, composited once for translucent backings
     draw = ImageDraw.Draw(layer)
-    font = _font(scale)
+    font = label_font(scale)
     taken: list[tuple[float, float, float, float]] = []  # label rectangles already drawn
     labels: dict[tuple, list[str]] = {}  # one label per box: "Lunge" and "lungs" share the lung's box
     for g in groundings:
@@ -119,7 +119,7 @@ def render_overlay(pixels: np.ndarray, modality: str, masks: Sequence[MaskRecord
         draw.rectangle([x1, y1, x2 - 1, y2 - 1], outline=colour + (255,), width=max(1, scale))  # x2/y2 exclusive
         text = f"{' / '.join(words)}: {display_name(class_name, language)}"
         text_h = draw.textbbox((0, 0), text, font=font)[3] + 4
-        _text_box(draw, (x1, y1 - text_h if y1 >= text_h else y2), text, font, colour, size, taken)
+        text_box(draw, (x1, y1 - text_h if y1 >= text_h else y2), text, font, colour, size, taken)
 
     shown = sorted({m.class_id: m.class_name for m in masks}.items())
     if shown:

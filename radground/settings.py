@@ -274,6 +274,28 @@ class VersionSettings(_Group):
         return self
 
 
+class RetentionSettings(_Group):
+    """Which dataset versions `radground datasets retire` keeps; every other one loses its shards and
+    splits (its manifest is kept forever). A version holding a forgotten patient is kept only as the
+    latest, when pinned, or for a registered model not tagged contains_forgotten (tasks/retention.py)."""
+
+    keep_last: int = Field(default=5, ge=1, description="Keep the newest this many versions (by creation time).")
+    keep_days: float = Field(default=30.0, ge=0, description="Keep every version younger than this many days "
+                             "(0: age keeps none).")
+    pinned: list[str] = Field(default=[], description="Digest prefixes (8 to 64 hex characters) of versions kept "
+                              "whatever their age, e.g. a published benchmark's version.")
+
+    @field_validator("pinned")
+    @classmethod
+    def _hex_prefixes(cls, value: list[str]) -> list[str]:
+        cleaned = [v.strip().lower() for v in value]
+        bad = [v for v in cleaned if not (8 <= len(v) <= 64 and all(c in "0123456789abcdef" for c in v))]
+        if bad:
+            raise ValueError(f"pinned {bad!r}: each entry is 8 to 64 hex characters of a version digest "
+                             "(`radground datasets list` prints 16)")
+        return cleaned
+
+
 class MlflowSettings(_Group):
     """Where builds and lineage are recorded. Unset tracking_uri = the embedded SQLite under data_dir;
     production names a tracking server (e.g. http://mlflow:5000, Postgres-backed with S3 artifacts)."""
@@ -357,6 +379,25 @@ class ModelSettings(_Group):
                                 "evaluate and predict.")
 
 
+class WatchSettings(_Group):
+    """The watch-drops deployment: an inbox where hospitals deliver drops, one sub-folder (or sub-prefix) per drop."""
+
+    inbox: str | None = Field(default=None, description="Folder, or store:PREFIX in the object store, whose "
+                              "sub-folders are drops; unset = watch-drops has nothing to watch.")
+    quiet_s: float = Field(default=300.0, ge=0, description="A drop is accepted once its listing (names, sizes, "
+                           "times) has not changed for this many seconds and its marker file is there.")
+    marker: str = Field(default="drop.yaml", min_length=1, description="Completion marker a drop's sender "
+                        "writes last, at the drop's top.")
+
+
+class RetrainSettings(_Group):
+    """When a rebuilt version asks for a retrain (event radground.retrain.requested)."""
+
+    min_new_patients: int = Field(default=20, ge=1, description="Patients in the new version that the "
+                                  "champion's dataset version lacks, at least; a changed stage setting (another "
+                                  "settings hash) or no champion yet also asks for one.")
+
+
 # Fields that change how fast or where work runs, never what a stage produces: they stay out
 # of the stage keys, so changing them never invalidates cached stage outputs or the digest.
 _OPERATIONAL = {
@@ -416,6 +457,9 @@ class Settings(BaseSettings):
     mlflow: MlflowSettings = MlflowSettings()
     model: ModelSettings = ModelSettings()
     train: TrainSettings = TrainSettings()
+    retention: RetentionSettings = RetentionSettings()
+    watch: WatchSettings = WatchSettings()
+    retrain: RetrainSettings = RetrainSettings()
 
     @classmethod
     def settings_customise_sources(

@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Install the Debian packages the tests need, when missing; idempotent, silent when all is there.
 #
-#   chromium   tests/tasks/test_quality_report.py opens the quality report in headless Chromium
-#              with the network blocked
+#   chromium        tests/tasks/test_quality_report.py opens the quality report in headless Chromium
+#                   with the network blocked
+#   docker-compose  tests/infra/test_compose.py renders infra/compose/compose.yaml (Debian's 1.29)
+#   postgresql-15   tests/integration/test_production_stack.py runs Prefect and MLflow on it
 #
 # Needs root and apt. Without them it prints a warning and exits 0: the tests that need a
 # missing package skip and say why.
 set -uo pipefail
 
-PACKAGES=(chromium)
+PACKAGES=(chromium docker-compose postgresql-15)
 
 missing=()
 for package in "${PACKAGES[@]}"; do

@@ -189,7 +189,7 @@ def scan_files(reader: DropReader, paths: Sequence[str]) -> list[FileHeader | Re
     """Read the header of each file; a file that cannot be used becomes a Rejection."""
     studies_seen: set[str] = set()
     with quiet_dicom():  # the header values read below are used in memory only
-        return [_scan_one(path, reader.read(path), studies_seen) for path in paths]
+        return [scan_one(path, reader.read(path), studies_seen) for path in paths]
 
 
 def read_dataset(data: bytes, **options) -> tuple[pydicom.Dataset, bool]:
@@ -204,7 +204,7 @@ def read_dataset(data: bytes, **options) -> tuple[pydicom.Dataset, bool]:
     return ds, any("end of file" in str(w.message).lower() for w in caught)
 
 
-def _scan_one(path: str, data: bytes, studies_seen: set[str]) -> FileHeader | Rejection:
+def scan_one(path: str, data: bytes, studies_seen: set[str]) -> FileHeader | Rejection:
     digest = hashlib.sha256(data).hexdigest()
     try:
         ds, truncated = read_dataset(data, defer_size=1024)
@@ -491,7 +491,7 @@ def plan_drop(drop_id: str, scanned: Sequence[FileHeader | Rejection], table: Re
         if isinstance(item, Rejection):
             reject_file(item.sha256, item.reason, item.detail)
             continue
-        problem = _file_problem(item, settings)
+        problem = file_problem(item, settings)
         if problem:
             reject_file(item.sha256, *problem)
         else:
@@ -531,7 +531,7 @@ def plan_drop(drop_id: str, scanned: Sequence[FileHeader | Rejection], table: Re
                 reject_file(header.sha256, "orphan_study",
                             "the file's study has no report (set ingest.orphan_studies_image_only=true to keep)")
             continue
-        series_plan, rejected = _plan_series(drop_id, files, has_report, settings)
+        series_plan, rejected = plan_series(drop_id, files, has_report, settings)
         for sha, reason, detail in rejected:
             reject_file(sha, reason, detail)
         if series_plan is not None:
@@ -539,7 +539,7 @@ def plan_drop(drop_id: str, scanned: Sequence[FileHeader | Rejection], table: Re
     return plan
 
 
-def _file_problem(header: FileHeader, settings: Settings) -> tuple[str, str] | None:
+def file_problem(header: FileHeader, settings: Settings) -> tuple[str, str] | None:
     if header.modality not in SUPPORTED_MODALITIES:
         return "unsupported_modality", f"modality {header.modality or 'missing'}; only CT and MR are used"
     if not header.has_pixels:
@@ -564,7 +564,7 @@ def _file_problem(header: FileHeader, settings: Settings) -> tuple[str, str] | N
     return None
 
 
-def _plan_series(
+def plan_series(
     drop_id: str, files: list[FileHeader], has_report: bool, settings: Settings,
 ) -> tuple[SeriesPlan | None, list[tuple[str, str, str]]]:
     rejected: list[tuple[str, str, str]] = []

@@ -123,10 +123,10 @@ def _extract_slice(data: bytes, sha: str, plan: SeriesPlan, position: float, ind
     ds = None
     try:
         ds, cut_short = read_dataset(data)
-        if cut_short or _is_truncated(ds):
+        if cut_short or is_truncated(ds):
             reject(sha, "truncated", "file ends inside the pixel data; re-export it")
             return None
-        pixels = _modality_values(ds)
+        pixels = modality_values(ds)
     except NotImplementedError:
         ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         reject(sha, "no_decoder", f"no installed decoder for transfer syntax {ts.name if ts else 'unknown'}")
@@ -145,7 +145,7 @@ def _extract_slice(data: bytes, sha: str, plan: SeriesPlan, position: float, ind
     return _image_record(plan, result, pixels, index, position, sha, series_uid)
 
 
-def _is_truncated(ds: pydicom.Dataset) -> bool:
+def is_truncated(ds: pydicom.Dataset) -> bool:
     """Native (uncompressed) pixel data shorter than rows x cols x samples x bytes x frames."""
     if ds.file_meta.TransferSyntaxUID.is_compressed or "PixelData" not in ds:
         return False
@@ -154,7 +154,7 @@ def _is_truncated(ds: pydicom.Dataset) -> bool:
     return len(ds.PixelData) < expected
 
 
-def _modality_values(ds: pydicom.Dataset) -> np.ndarray | None:
+def modality_values(ds: pydicom.Dataset) -> np.ndarray | None:
     """CT in Hounsfield units (int16), MR raw intensities (uint16); None for unsupported layouts."""
     if int(ds.get("NumberOfFrames", 1) or 1) != 1 or int(ds.get("SamplesPerPixel", 1)) != 1:
         return None

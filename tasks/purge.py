@@ -137,11 +137,22 @@ def _store_tables(store: ObjectStore) -> Iterator[str]:
 
 
 def version_folders(settings: Settings) -> list[Path]:
+    from tasks.retention import is_retired
     from tasks.version_stage import versions_root
 
     root = versions_root(settings)
-    return sorted(p for p in root.iterdir() if p.is_dir() and (p / "manifest.json").is_file()) \
+    # A retired version is a manifest only (its shards and splits are gone): nothing of a patient to rewrite
+    # there; its lineage table, which still names them, is in Plan.retired_lineage.
+    return sorted(p for p in root.iterdir() if p.is_dir() and (p / "manifest.json").is_file() and not is_retired(p)) \
         if root.is_dir() else []
+
+
+def _retired_holding(settings: Settings, names: set[str]) -> list[str]:
+    from tasks.retention import is_retired
+    from tasks.version_stage import versions_root
+
+    root = versions_root(settings)
+    return sorted(name for name in names if is_retired(root / name))
 
 
 def _version_files(folder: Path) -> list[Path]:
@@ -300,6 +311,7 @@ class Plan:
     versions: list[str] = field(default_factory=list)  # holding the patient, oldest first
     reparent: list[str] = field(default_factory=list)  # not holding them, but their parent changes
     runs: list[dict[str, str]] = field(default_factory=list)
+    retired_lineage: list[str] = field(default_factory=list)  # retired versions whose lineage table names them
     raw_drops: dict[str, str] = field(default_factory=dict)  # drop id -> "inside data_dir" / "outside data_dir"
 
 
@@ -388,6 +400,7 @@ def plan_purge(settings: Settings, footprint: Footprint, store: ObjectStore) -> 
     plan.reparent = [f.name for f in _chain(folders) if f.name not in footprint.versions
                      and (read_manifest(f).parent_digest or "")[:16] in footprint.versions]
     plan.runs = runs_using(settings, [digests[name] for name in plan.versions]) if plan.versions else []
+    plan.retired_lineage = _retired_holding(settings, footprint.versions)
     registry = DropRegistry(settings)
     for drop_id in sorted(footprint.drops):
         location = registry.location_of(drop_id)
@@ -550,6 +563,7 @@ def _plan_summary(plan: Plan, settings: Settings) -> dict[str, Any]:
         "llm_cache_sentences": len(plan.llm_sentences),
         "versions": plan.versions,
         "versions_reparented": plan.reparent,
+        "retired_versions_lineage": plan.retired_lineage,
         "mlflow_runs": plan.runs,
         "raw_drops": plan.raw_drops,
     }
@@ -606,6 +620,11 @@ def purge(settings: Settings, pseudonym: str, *, older: Older = "rewrite", dry_r
         old_hashes = dvc.referenced_hashes(p for p in dvc_files if p.exists())
         mapping = _purge_versions(settings, footprint, plan, older, dvc) if (plan.versions or plan.reparent) else {}
         report["versions"] = mapping
+        for name in plan.retired_lineage:  # the patient's rows out of a retired version's lineage table
+            path = settings.data_dir.resolve() / "lineage" / f"{name}.parquet"
+            table = pq.read_table(path)
+            pq.write_table(table.filter(pc.invert(footprint.rows_of(table))), path)
+        report["retired_lineage_rewritten"] = list(plan.retired_lineage)
 
         current = None
         if current_drops:  # what the next rebuild builds from the purged stage outputs, published now

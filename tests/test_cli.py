@@ -362,3 +362,12 @@ def test_rebuild_refuses_an_empty_drop_or_one_without_reports_before_anything_st
     assert len(result.stderr.strip().splitlines()) <= 4  # one message (soft-wrapped), nothing before it
     # refused before Prefect, Ray or the de-identification key: nothing was written under data_dir
     assert not data_dir.exists()
+
+
+def test_config_reference_prints_the_generated_settings_reference():
+    from radground.reference_docs import settings_markdown
+
+    result = run_cli("config", "reference")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == settings_markdown()  # the very text of docs/settings.md: it cannot drift
+    assert "| `retention.keep_last` | `RADGROUND_RETENTION__KEEP_LAST` |" in result.stdout
