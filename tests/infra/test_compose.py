@@ -172,7 +172,9 @@ def test_mlflow_answers_to_its_service_name_and_alone_holds_the_artifact_credent
     assert hosts, "mlflow server needs --allowed-hosts (else it answers 403 to Host: mlflow:5000)"
     assert {"mlflow", "mlflow:5000"} <= set(hosts.group(1).split(","))
     assert "--artifacts-destination=s3://" in args and "--serve-artifacts" in args
-    assert "--backend-store-uri=postgresql://" in args
+    # +psycopg2: a bare postgresql:// makes SQLAlchemy load psycopg (v3), which is not installed, and the
+    # server exits (seen in tests/integration/test_production_stack.py)
+    assert "--backend-store-uri=postgresql+psycopg2://" in args
     for name, service in services.items():
         if name != "mlflow":
             assert "AWS_SECRET_ACCESS_KEY" not in service.get("environment", {}), f"{name} holds S3 credentials"
