@@ -141,7 +141,8 @@ class Stack:
                 "RADGROUND_STORAGE__SECRET_KEY": S3_SECRET_KEY,
                 "RADGROUND_MLFLOW__TRACKING_URI": self.mlflow_url,
                 "RADGROUND_PREFECT__API_URL": self.prefect_api,
-                "RADGROUND_RAY__ADDRESS": self.ray_address, "RADGROUND_RAY__NUM_CPUS": "2"}
+                "RADGROUND_RAY__ADDRESS": self.ray_address, "RADGROUND_RAY__NUM_CPUS": "2",
+                "RADGROUND_WATCH__INBOX": str(self.inbox), "RADGROUND_WATCH__QUIET_S": "0"}
 
     # ------------------------------------------------------------------ processes
     def _log(self, name: str) -> Path:
@@ -276,10 +277,16 @@ class Stack:
     def deployed_data_dir(self) -> Path:
         return self.root / "deployed-data"
 
+    @property
+    def inbox(self) -> Path:
+        """The folder watch-drops watches (the worker's watch.inbox)."""
+        return self.root / "inbox"
+
     def start(self) -> None:
         for name in ("pg", "s3", "mlflow", "prefect", "ray", "ray_dashboard"):
             self.ports[name] = free_port()
         (self.root / "logs").mkdir(parents=True, exist_ok=True)
+        self.inbox.mkdir()
         started = time.perf_counter()
 
         def databases_then_servers():
