@@ -16,7 +16,7 @@ venv:  ## create or update .venv (seconds when up to date; ~4 min when requireme
 demo: venv  ## run the main job on the embedded default and print where its output is (~2-3 min)
 	$(BIN)/radground demo
 
-test: venv  ## the whole test suite, what CI runs (~15 min on 2 cores from a clean clone, incl. ~4 min first venv); installs chromium, docker-compose and postgresql-15 when missing
+test: venv  ## the whole test suite, what CI runs (~23 min on 2 cores from a clean clone, + the first venv install); installs chromium, docker-compose and postgresql-15 when missing
 	@scripts/ensure-test-packages.sh
 	$(BIN)/python -m pytest --ignore=$(TRAIN_FLOW_TESTS)
 	@# In the same process as the rebuild flow tests, the training flow's local Ray did not start (its GCS
