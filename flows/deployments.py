@@ -175,7 +175,7 @@ def retrain(version: str | None = None) -> dict[str, Any]:
     from flows.train import run_training
     from models.checkpoints import load_model, resolve_model
     from models.evaluation import evaluate_version
-    from models.registry import flatten_metrics, register
+    from models.registry import register
 
     logger = get_run_logger()
     settings = deployment_settings()
@@ -190,7 +190,7 @@ def retrain(version: str | None = None) -> dict[str, Any]:
     out = Path(settings.data_dir).resolve() / "evaluations" / f"version-test-{stamp}"
     result = evaluate_version(settings, digest, "test", model=(model, processor), model_info=info, out=out)
     registered = register(settings, source, evaluation={"test_set_key": result.test_set_key,
-                                                        "metrics": flatten_metrics(result.metrics),
+                                                        "metrics": result.metrics,
                                                         "eval_run_id": result.run_id})
     logger.info("trained %s on version %s; registered version %s (challenger)", trained.run_id, digest[:16],
                 registered["version"])

@@ -77,6 +77,8 @@ TEXT_METRICS = ("accuracy", "f1", "recall", "bleu1", "bleu4", "rouge_l", "cider"
 GROUNDING_KEYS = ("n_images", "n_predicted", "n_reference", "precision", "recall", "f1", "precision_iou50",
                   "recall_iou50", "f1_iou50", "mean_iou", "dice")
 ANSWER_TYPES = {"closed": "CLOSED", "open": "OPEN"}
+# The scored sections of an evaluation's metrics.json, in display order (the rest of it describes the run).
+SCORED_SECTIONS = ("closed", "open", "all", "report", "grounding")
 IOU_THRESHOLD = 0.5
 
 

@@ -248,14 +248,17 @@ def register(settings: Settings, source: ModelSource, *, evaluation: dict | None
 
 
 def flatten_metrics(metrics: dict) -> dict[str, float]:
-    """{section: {metric: v}} or {"section.metric": v} -> {"section.metric": float}, numbers only (n, None dropped)."""
+    """metrics.json ({section: {metric: v}}, plus test_set, model, missing…) or {"section.metric": v} ->
+    {"section.metric": float}: the scored sections' numbers only (counts ``n`` and None dropped)."""
+    from models.metrics import SCORED_SECTIONS
+
     flat: dict[str, float] = {}
     for key, value in metrics.items():
         if isinstance(value, dict):
-            for inner, number in value.items():
-                if inner != "n" and _finite(number):
-                    flat[f"{key}.{inner}"] = float(number)
-        elif _finite(value):
+            if key in SCORED_SECTIONS:
+                flat.update({f"{key}.{inner}": float(number) for inner, number in value.items()
+                             if inner != "n" and _finite(number)})
+        elif str(key).split(".", 1)[0] in SCORED_SECTIONS and _finite(value):
             flat[str(key)] = float(value)
     return flat
 

@@ -132,7 +132,7 @@ def evaluate(
         from models.registry import attach_evaluation
 
         attach_evaluation(settings, source.model_name, source.model_version, test_set_key=result.test_set["key"],
-                          metrics=flat_metrics(result.metrics), eval_run_id=result.run_id)
+                          metrics=result.metrics, eval_run_id=result.run_id)
         console.print(f"metrics attached to {source.model_name} version {source.model_version} "
                       f"(test set {result.test_set['key']})", highlight=False, markup=False)
     _print_metrics(result.metrics)
@@ -154,18 +154,10 @@ def _latest_version() -> str:
     return read_manifest(folder).digest
 
 
-SECTIONS = ("closed", "open", "all", "report", "grounding")
-
-
-def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
-    """{"all": {"accuracy": 0.5}} -> {"all.accuracy": 0.5}: numbers of the scored sections only."""
-    return {f"{section}.{name}": float(value) for section in SECTIONS
-            for name, value in (metrics.get(section) or {}).items()
-            if isinstance(value, int | float) and not isinstance(value, bool)}
-
-
 def _print_metrics(metrics: dict[str, Any]) -> None:
-    sections = [s for s in SECTIONS if isinstance(metrics.get(s), dict)]
+    from models.metrics import SCORED_SECTIONS
+
+    sections = [s for s in SCORED_SECTIONS if isinstance(metrics.get(s), dict)]
     names = list(dict.fromkeys(n for s in sections for n in metrics[s]))
     table = Table("metric", *sections, title="metrics", title_justify="left")
     for name in names:
@@ -261,7 +253,9 @@ def evaluation_doc(folder: Path, source: Any) -> dict[str, Any]:
     if not _same_checkpoint(doc.get("model") or {}, source):
         raise ConfigError(f"--eval {folder}: it scored another model ({(doc.get('model') or {}).get('ref')}), not "
                           f"{source.ref}. Evaluate this checkpoint first: radground evaluate --model {source.ref}.")
-    return {"test_set_key": doc["test_set"]["key"], "metrics": flat_metrics(doc), "eval_run_id": doc.get("run_id")}
+    from models.registry import flatten_metrics
+
+    return {"test_set_key": doc["test_set"]["key"], "metrics": flatten_metrics(doc), "eval_run_id": doc.get("run_id")}
 
 
 @models_app.command("promote")

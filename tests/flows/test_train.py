@@ -174,6 +174,51 @@ def test_killed_worker_resumes_from_its_s3_checkpoint_to_the_same_losses(unbroke
             _losses(settings, first.run_id, key), rel=1e-4), key
 
 
+@pytest.mark.slow
+@pytest.mark.integration
+def test_retrain_deployment_trains_evaluates_on_test_and_registers_a_challenger(unbroken, clean_env, monkeypatch,
+                                                                                tmp_path: Path) -> None:
+    """The ``retrain`` entry point of prefect.yaml as its trigger runs it: settings from RADGROUND_CONFIG,
+    the flow under a Prefect API; train -> evaluate the best checkpoint on the test split -> register."""
+    import yaml
+
+    from flows.deployments import retrain
+    from models.registry import CHALLENGER, CHAMPION, list_versions, show_version
+    from radground.runtime import libraries_off_the_terminal, prefect_api
+    from tasks.version import read_manifest
+
+    settings, folder, first = unbroken  # its data_dir: Ray keeps the first auth token it read in-process
+    config = tmp_path / "radground.yaml"
+    config.write_text(yaml.safe_dump({"data_dir": str(settings.data_dir),
+                                      "train": {**TRAIN_SETTINGS, "max_steps": 2, "workers": 1},
+                                      "model": {"max_new_tokens": 8}}), encoding="utf-8")
+    monkeypatch.setenv("RADGROUND_CONFIG", str(config))
+    with libraries_off_the_terminal(settings), prefect_api(settings):
+        out = retrain()
+
+    digest = read_manifest(folder).digest
+    assert out["version"] == digest and out["training_run"] != first.run_id
+    registered = show_version(settings, out["model_version"])
+    assert registered["aliases"] == [CHALLENGER] and CHAMPION not in registered["aliases"]  # promotion is a person's
+    assert registered["run_id"] == out["training_run"] == registered["training_run"]
+    assert registered["dataset_digest"] == digest
+    client = _client(settings)
+    training = client.get_run(out["training_run"])
+    assert training.data.params["max_steps"] == "2" and training.data.params["workers"] == "1"  # the config's
+    assert registered["checkpoint"] == training.data.tags["radground.best_checkpoint_uri"]
+
+    # The evaluation: a run of its own on the version's test split, its metrics attached to the version.
+    (key, metrics), = registered["evaluations"].items()
+    assert registered["eval_runs"] == {key: out["eval_run"]}
+    evaluation = client.get_run(out["eval_run"])
+    assert evaluation.info.status == "FINISHED"
+    assert {i.dataset.name for i in evaluation.inputs.dataset_inputs} == {digest}
+    assert metrics and set(metrics) <= set(evaluation.data.metrics)
+    for name, value in metrics.items():
+        assert evaluation.data.metrics[name] == pytest.approx(value)
+    assert [v["version"] for v in list_versions(settings)] == [registered["version"]]
+
+
 # ------------------------------------------------------------------------------------ refusals, before any runtime
 
 

@@ -329,3 +329,15 @@ def test_without_a_named_test_set_the_gate_uses_the_newest_one_both_were_evaluat
     assert (result["promoted"], result["test_set"], result["blocked_by"]["challenger"]) == (False, new, 0.3)
     by_name = registry.promote(settings, second["version"], test_set=old)  # naming OLD: it passes there
     assert by_name["promoted"] and by_name["test_set"] == old
+
+
+def test_flatten_metrics_keeps_the_scored_sections_of_metrics_json_only():
+    """A metrics.json also describes the run (model step, max_new_tokens, missing, test set sizes): none of
+    that may become a registry metric the promotion gate could compare."""
+    from models.registry import flatten_metrics
+
+    doc = {"all": {"n": 4, "accuracy": 0.5, "cider": None}, "report": {"n": 2, "f1": 0.25},
+           "grounding": {"n": 1, "f1_iou50": 1}, "model": {"step": 4, "max_new_tokens": 8}, "missing": 0,
+           "test_set": {"key": "k", "items": 4}, "run_id": "a" * 32, "model.step": 4, "all.bleu4": 0.1}
+    assert flatten_metrics(doc) == {"all.accuracy": 0.5, "report.f1": 0.25, "grounding.f1_iou50": 1.0,
+                                    "all.bleu4": 0.1}
