@@ -106,6 +106,12 @@ class ObjectStore(ABC):
         """Whether any object's key starts with ``prefix`` (a folder-like prefix ends in '/')."""
         return next(iter(self.list(prefix)), None) is not None
 
+    def list_stat(self, prefix: str = "") -> list[tuple[str, int, str]]:
+        """(key, size, version stamp) of every object under ``prefix``, sorted by key. The stamp (ETag or
+        mtime) changes when an object is rewritten, so two listings tell an upload in progress."""
+        raise StoreError(f"the {type(self).__name__} object store cannot list sizes and stamps "
+                         f"({self.describe()}). Use the local or s3 storage backend.")
+
     def put_file(self, key: str, path: Path | str) -> str:
         """Store the file at ``path`` under ``key``; return the key."""
         with open(path, "rb") as source:
@@ -223,6 +229,16 @@ class LocalStore(ObjectStore):
                 if not name.startswith(TMP_PREFIX) and key.startswith(prefix):
                     keys.append(key)
         return iter(sorted(keys))
+
+    def list_stat(self, prefix: str = "") -> list[tuple[str, int, str]]:
+        out = []
+        for key in self.list(prefix):
+            try:
+                stat = self._path(key).stat()
+            except FileNotFoundError:  # deleted while listing: the next listing shows the change
+                continue
+            out.append((key, stat.st_size, str(stat.st_mtime_ns)))
+        return out
 
     def delete(self, key: str) -> None:
         # A folder, or a path through a file: no object by that key either.
@@ -467,6 +483,15 @@ class S3Store(ObjectStore):
             obj.object_name for obj in self._client.list_objects(self.bucket, full, recursive=True)
             if obj.object_name and not obj.object_name.endswith("/")])
         return iter(sorted(name[len(self.prefix):] for name in names))
+
+    def list_stat(self, prefix: str = "") -> list[tuple[str, int, str]]:
+        full = self.prefix + validate_key(prefix, prefix=True)
+        self._ensure_bucket()
+        objects = self._call("list", prefix or None, lambda: [
+            (obj.object_name, obj.size or 0, obj.etag or "")
+            for obj in self._client.list_objects(self.bucket, full, recursive=True)
+            if obj.object_name and not obj.object_name.endswith("/")])
+        return sorted((name[len(self.prefix):], size, etag) for name, size, etag in objects)
 
     def has_objects(self, prefix: str) -> bool:
         full = self.prefix + validate_key(prefix, prefix=True)

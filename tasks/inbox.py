@@ -30,7 +30,7 @@ from filelock import FileLock
 from radground.buildstate import BuildStateError, DropRegistry
 from radground.errors import RadgroundError
 from radground.settings import Settings
-from radground.store import LocalStore, S3Store, open_store
+from radground.store import StoreError, open_store
 from tasks.discover import STORE_SCHEME, canonical_location
 
 LANDED_EVENT = "radground.drop.landed"
@@ -100,23 +100,14 @@ def _folder_files(root: Path) -> list[tuple[str, int, str]]:
 
 
 def _store_files(settings: Settings, prefix: str) -> list[tuple[str, int, str]]:
-    """(path below prefix, size, ETag or mtime) of every object under ``prefix`` of the object store."""
-    store = open_store(settings)
+    """(path below prefix, size, ETag or mtime) of every object under ``prefix`` of the object store:
+    sizes and stamps, not names only, show an upload still in progress."""
     below = prefix + "/" if prefix else ""
-    if isinstance(store, LocalStore):
-        root = settings.store_root / prefix
-        return _folder_files(root) if root.is_dir() else []
-    if isinstance(store, S3Store):
-        # ObjectStore.list gives names only; sizes and ETags show an upload still in progress.
-        store._ensure_bucket()
-        objects = store._call("list", below or None, lambda: [
-            (obj.object_name, obj.size or 0, obj.etag or "")
-            for obj in store._client.list_objects(store.bucket, store.prefix + below, recursive=True)
-            if obj.object_name and not obj.object_name.endswith("/")])
-        skip = len(store.prefix + below)
-        return [(name[skip:], size, etag) for name, size, etag in objects]
-    raise InboxError(f"watch.inbox {STORE_SCHEME}{prefix}: the {type(store).__name__} object store cannot be "
-                     "listed with sizes. Use a folder inbox, or the local or s3 storage backend.")
+    try:
+        objects = open_store(settings).list_stat(below)
+    except StoreError as exc:
+        raise InboxError(f"watch.inbox {STORE_SCHEME}{prefix}: {exc} Or use a folder inbox.") from None
+    return [(key[len(below):], size, stamp) for key, size, stamp in objects]
 
 
 # ----------------------------------------------------------------------------- the decision (pure)
