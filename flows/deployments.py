@@ -80,8 +80,8 @@ def retrain_due(settings: Settings, new_digest: str) -> tuple[bool, str]:
         return False, f"the champion was trained on this version ({new_digest[:16]})"
     try:
         base_hash, base_patients = _settings_hash(settings, base), _patients(settings, base)
-    except DataError:  # neither here nor tracked by DVC (retired?)
-        return True, f"the champion's dataset version {base[:16]} is not in this data_dir"
+    except DataError:  # retired, or neither here nor tracked by DVC
+        return True, f"the champion's dataset version {base[:16]} is retired or not in this data_dir"
     if _settings_hash(settings, new_digest) != base_hash:
         return True, f"stage settings changed since the champion's version {base[:16]}"
     new = len(_patients(settings, new_digest) - base_patients)

@@ -188,6 +188,12 @@ def resolve_version(settings: Any, version: str, *, pull: bool = True) -> Path:
     if not digest.startswith(wanted):
         raise DataError(f"version {wanted}: version {name} has digest {digest}, which does not start with it. "
                         "Run `radground datasets list --json` for the full digests.")
+    from tasks.retention import RETIRED_FILE, is_retired
+
+    if is_retired(folder):
+        raise DataError(f"version {name} was retired ({folder / RETIRED_FILE}): only its manifest and lineage are "
+                        "kept, its data is gone. Use a version that is kept (`radground datasets list` marks "
+                        "retired ones), or rebuild.")
     return folder
 
 

@@ -669,6 +669,7 @@ def datasets_list(
     The version column is what `datasets show`, `datasets pull` and `lineage trace` take: the
     digest's first 16 hex characters (any unambiguous prefix of 8 or more works too).
     """
+    from tasks.retention import is_retired
     from tasks.version import read_manifest
     from tasks.version_stage import latest_version_dir, versions_root
 
@@ -683,7 +684,7 @@ def datasets_list(
         console.print(f"[bold yellow]note:[/] {nothing_here()}", highlight=False, soft_wrap=True, markup=True)
     if as_json:
         print(json.dumps([{"version": folder.name, "digest": m.digest, "parent_digest": m.parent_digest,
-                           "latest": folder.name == latest, "drops": m.drops,
+                           "latest": folder.name == latest, "retired": is_retired(folder), "drops": m.drops,
                            "rows": {name: t.rows for name, t in m.tables.items()}, "created_at": m.created_at}
                           for folder, m in manifests], indent=2))
         return
@@ -695,8 +696,9 @@ def datasets_list(
                   Column("created (UTC)", no_wrap=True, min_width=16))
     for folder, m in manifests:
         rows = ", ".join(f"{n} {t.rows}" for n, t in m.tables.items())
-        # "(latest)" on a line of its own: a double click on the id copies the id alone.
-        table.add_row(folder.name + ("\n(latest)" if folder.name == latest else ""),
+        # "(latest)" / "(retired)" on a line of its own: a double click on the id copies the id alone.
+        marks = ["(latest)"] * (folder.name == latest) + ["(retired)"] * is_retired(folder)
+        table.add_row("\n".join([folder.name, *marks]),
                       (m.parent_digest or "-")[:FOLDER_DIGEST_LENGTH], str(len(m.drops)), rows,
                       m.created_at[:16].replace("T", " "))
     out.print(table)

@@ -130,6 +130,12 @@ def test_a_dry_run_lists_the_two_retirable_versions_and_an_apply_retires_them(tm
     assert (dvc.root / LATEST).read_text().strip() == v3.name
     latest = VersionDataset(v3, "train", slices="all")
     assert len(latest) == 9 and latest[8]["pixel_values"].numel() > 0  # its pixels decode
+    # Training or evaluating on a retired version is refused by name, not a missing-file error.
+    from models.data import DataError, resolve_version
+
+    with pytest.raises(DataError, match=f"version {v1.name} was retired .*RETIRED.json.*its data is gone"):
+        resolve_version(settings, m1.digest)
+    assert resolve_version(settings, m3.digest) == v3
     tags = {run: _client(settings, None).get_run(run).data.tags for run in (run1, run2, run3)}
     assert tags[run1][RETIRED_TAG] == "true" and tags[run2][RETIRED_TAG] == "true"
     assert RETIRED_TAG not in tags[run3]
@@ -195,6 +201,13 @@ def test_the_cli_prints_the_plan_and_applies_only_with_apply(tmp_path, clean_env
     assert done.returncode == 0, done.stderr
     assert "retired 2 version(s): 8 file(s)" in done.stdout and "2 MLflow run(s) tagged" in done.stdout
     assert [is_retired(v) for v, _, _ in versions] == [True, True, False]
+    listed = subprocess.run([sys.executable, "-m", "radground", "datasets", "list", "--json"], capture_output=True,
+                            text=True, env=env, cwd=tmp_path, timeout=300)
+    assert {v["version"]: v["retired"] for v in json.loads(listed.stdout)} == {
+        v.name: retired for (v, _, _), retired in zip(versions, (True, True, False), strict=True)}
+    table = subprocess.run([sys.executable, "-m", "radground", "datasets", "list"], capture_output=True,
+                           text=True, env=env, cwd=tmp_path, timeout=300).stdout
+    assert table.count("(retired)") == 2 and table.count("(latest)") == 1
 
 
 def test_retire_refuses_while_another_rebuild_holds_the_lock(tmp_path, clean_env):
