@@ -147,8 +147,6 @@ def model_pixels(values: np.ndarray, modality: str) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------ versions
 
-MIN_DIGEST_PREFIX = 8
-FOLDER_DIGEST_LENGTH = 16
 
 
 def resolve_version(settings: Any, version: str, *, pull: bool = True) -> Path:
@@ -157,25 +155,16 @@ def resolve_version(settings: Any, version: str, *, pull: bool = True) -> Path:
     A version tracked by DVC (``versions/<digest16>.dvc``) but not on this machine is pulled
     through :class:`radground.dvc.DvcRepo` when ``pull`` is set.
     """
+    from radground.layout import match_version
     from tasks.version import read_manifest
     from tasks.version_stage import versions_root
 
     root = versions_root(settings)
     wanted = version.strip().lower()
-    if not (MIN_DIGEST_PREFIX <= len(wanted) <= 64 and all(c in "0123456789abcdef" for c in wanted)):
-        raise DataError(f"version {version!r}: expected {MIN_DIGEST_PREFIX} to 64 hex characters of a version "
-                        "digest (`radground datasets list` prints 16).")
     present = list(root.iterdir()) if root.is_dir() else []
     local = {p.name for p in present if p.is_dir() and (p / "manifest.json").is_file()}
     tracked = {p.stem for p in present if p.suffix == ".dvc" and p.is_file()}
-    matches = sorted(n for n in local | tracked if n.startswith(wanted[:FOLDER_DIGEST_LENGTH]))
-    if not matches:
-        raise DataError(f"version {wanted}: no dataset version in {root} starts with it (neither a folder with a "
-                        "manifest nor a .dvc file). Run `radground datasets list`, or `radground rebuild` first.")
-    if len(matches) > 1:
-        raise DataError(f"version {wanted}: {len(matches)} versions in {root} start with it ({', '.join(matches)}); "
-                        "give more of the digest.")
-    name = matches[0]
+    name = match_version(version, sorted(local | tracked), root, error=DataError)
     folder = root / name
     if name not in local:
         if not pull:

@@ -25,6 +25,7 @@ from typer.core import TyperGroup
 
 from radground import __version__
 from radground.errors import RadgroundError
+from radground.layout import FOLDER_DIGEST_LENGTH, MIN_DIGEST_PREFIX
 from radground.runtime import progress_hook
 from radground.settings import Settings, data_dir_origin, load_settings, unknown_env_warnings
 
@@ -615,33 +616,18 @@ def _same_demo_drop(drop_dir: Path, patients: int, seed: int) -> bool:
             (GENERATOR_VERSION, seed, patients) and (drop_dir / "reports.csv").is_file())
 
 
-#: The shortest digest prefix a command takes: 8 hex characters (32 bits) rarely fit two versions, and
-#: when they do the command says so. Version folders (and versions/*.dvc files) are named by the first
-#: 16, which `datasets list` prints; any length from 8 up to the whole 64 works alike.
-MIN_DIGEST_PREFIX = 8
-FOLDER_DIGEST_LENGTH = 16
 VERSION_HELP = ("A version digest: the 16 hex characters `radground datasets list` prints, the whole 64, or any "
                 f"prefix of {MIN_DIGEST_PREFIX} or more that only one version starts with.")
 
 
 def _resolve_version(version: str, names: list[str], where: Path, what: str) -> str:
-    """The one of ``names`` (version folder names, digest[:16]) that ``version`` names."""
+    """The one of ``names`` (version folder names) that ``version`` names."""
     from radground.errors import ConfigError
+    from radground.layout import match_version
 
-    wanted = version.strip().lower()
-    if not (MIN_DIGEST_PREFIX <= len(wanted) <= 64 and all(c in "0123456789abcdef" for c in wanted)):
-        raise ConfigError(f"version {version!r}: expected a digest of {MIN_DIGEST_PREFIX} to 64 hex characters "
-                          f"(the 16 `radground datasets list` prints will do).")
     if not names:
-        raise ConfigError(f"version {wanted}: {nothing_here(what)}")
-    matches = sorted(name for name in names if name.startswith(wanted[:FOLDER_DIGEST_LENGTH]))
-    if not matches:
-        raise ConfigError(f"version {wanted}: no version in {where} starts with it. Run `radground datasets list` "
-                          "for the digests.")
-    if len(matches) > 1:
-        raise ConfigError(f"version {wanted}: {len(matches)} versions start with it ({', '.join(matches)}); give "
-                          "more of the digest.")
-    return matches[0]
+        raise ConfigError(f"version {version.strip().lower()}: {nothing_here(what)}")
+    return match_version(version, names, where, error=ConfigError)
 
 
 def _version_dir(version: str) -> Path:

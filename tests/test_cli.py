@@ -272,9 +272,9 @@ def test_every_printed_or_documented_digest_form_works_with_show_and_trace(tmp_p
         cli._version_dir(target[:cli.MIN_DIGEST_PREFIX - 1])
     with pytest.raises(ConfigError, match="does not start with it"):
         cli._version_dir(target[:16] + "0" * 48)
-    with pytest.raises(ConfigError, match="no version in .* starts with it"):
+    with pytest.raises(ConfigError, match="no dataset version in .* starts with it"):
         cli._version_dir("0" * 16)
-    with pytest.raises(ConfigError, match="2 versions start with it"):
+    with pytest.raises(ConfigError, match="2 versions in .* start with it"):
         cli._resolve_version("abcdef01", ["abcdef0123456789", "abcdef01ffffffff"], data, "no versions")
 
 
