@@ -13,7 +13,7 @@ from datetime import date, datetime
 from typing import Literal
 
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 REPORTS_FILE = "reports.csv"
 DROP_INFO_FILE = "drop.yaml"
@@ -170,6 +170,19 @@ class VQARecord(BaseModel):
 
 QuarantineStage = Literal["ingest", "deid", "curate", "segment", "ground", "quality", "version"]
 
+#: Every reason the ingest stage (tasks/discover.py, tasks/ingest.py) writes into a quarantine row. One
+#: place for the vocabulary: QuarantineRecord refuses an ingest row with any other reason, and
+#: tests/tasks/test_quarantine_reasons.py produces each of them.
+IngestQuarantineReason = Literal[
+    "not_dicom", "unreadable", "truncated", "not_an_image",  # the file cannot be used as DICOM
+    "unsupported_modality", "no_pixel_data", "burned_in_annotation", "localizer", "derived_image",  # file rules
+    "missing_uid", "missing_patient_id", "missing_geometry", "excluded_orientation",
+    "inconsistent_geometry", "duplicate_instance", "duplicate_position",  # series rules
+    "orphan_report", "orphan_study", "invalid_report_row",  # reports.csv and the study join
+    "source_changed", "no_decoder", "undecodable", "unsupported_pixels", "deid_failed",  # extraction
+]
+INGEST_QUARANTINE_REASONS: tuple[str, ...] = typing.get_args(IngestQuarantineReason)
+
 
 class QuarantineRecord(BaseModel):
     """Something that was not accepted, and why. Never a path, name or other PHI."""
@@ -183,6 +196,13 @@ class QuarantineRecord(BaseModel):
     detail: str = Field(description="Human-readable explanation without PHI.")
     source_sha256: str | None = Field(description="sha256 of the rejected file or report row.")
     ref: str | None = Field(default=None, description="Pseudonymous reference (series/study uid) if known.")
+
+    @model_validator(mode="after")
+    def _declared_ingest_reason(self) -> QuarantineRecord:
+        if self.stage == "ingest" and self.reason not in INGEST_QUARANTINE_REASONS:
+            raise ValueError(f"reason {self.reason!r} is not a declared ingest quarantine reason: add it to "
+                             "IngestQuarantineReason in radground/schemas.py")
+        return self
 
 
 class MaskRecord(BaseModel):

@@ -233,7 +233,7 @@ def scan_one(path: str, data: bytes, studies_seen: set[str]) -> FileHeader | Rej
         patient_id=str(ds.get("PatientID", "") or ""),
         issuer=str(ds.get("IssuerOfPatientID", "") or ""),
         modality=modality,
-        image_type=tuple(str(v).upper() for v in _as_list(ds.get("ImageType", []))),
+        image_type=tuple(str(v).strip().upper() for v in _as_list(ds.get("ImageType", []))),  # CS: spaces pad
         burned_in=str(ds.get("BurnedInAnnotation", "") or "").upper(),
         orientation=_floats(ds.get("ImageOrientationPatient"), 6),
         position=_floats(ds.get("ImagePositionPatient"), 3),
@@ -610,7 +610,8 @@ def _study_phi(headers: Sequence[FileHeader]) -> dict[str, StudyPHI]:
         names[h.study_uid].update(h.person_names)
         ids[h.study_uid].update(h.identifiers)
         other[h.study_uid].update(h.other_phi)
-        patient.setdefault(h.study_uid, (h.patient_id, h.issuer))
+        if not patient.get(h.study_uid, ("", ""))[0]:  # the first header with a PatientID names the patient
+            patient[h.study_uid] = (h.patient_id, h.issuer)
     return {
         uid: StudyPHI(uid, patient[uid][0], patient[uid][1], tuple(sorted(names[uid])), tuple(sorted(ids[uid])),
                       tuple(sorted(other[uid])))
