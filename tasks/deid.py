@@ -407,6 +407,11 @@ def _clean(ds: Dataset, ctx: _Context) -> None:
             continue
         operation = _operation(tag)
         vr = _vr_of(ds, tag)
+        if operation is None and vr == "PN":
+            # A person's name the table does not list (it lags the dictionary: SecondaryReviewerName,
+            # EvaluatorName, DocumentAuthorTrial): a name is never safe to keep.
+            del ds[tag]
+            continue
         if operation is None:
             if vr == "SQ":
                 for item in _element(ds, tag).value:

@@ -154,11 +154,26 @@ def pydicom_files_on_disk() -> list[Path]:
     pydicom.data.get_testdata_files would try to download whatever is missing, and this
     machine is offline: so the files are found on disk instead.
     """
-    import data_store  # the pydicom-data package
     import pydicom.data
 
+    try:
+        import data_store  # the pydicom-data package
+    except ImportError:
+        pytest.fail(PYDICOM_FILES_MISSING + " (the pydicom-data package is not installed)")
     folders = [Path(pydicom.data.__file__).parent / "test_files", Path(data_store.__file__).parent / "data"]
-    return sorted(p for folder in folders for p in folder.rglob("*") if p.is_file() and p.suffix != ".py")
+    found = {folder: [p for p in folder.rglob("*") if p.is_file() and p.suffix != ".py"]
+             for folder in folders}
+    empty = [str(folder) for folder, files in found.items() if not any(f.suffix == ".dcm" for f in files)]
+    if empty:
+        pytest.fail(f"{PYDICOM_FILES_MISSING} (no .dcm file under {', '.join(empty)})")
+    return sorted(p for files in found.values() for p in files)
+
+
+#: Why a test that needs pydicom's test files fails (never skips) without them, and the fix.
+PYDICOM_FILES_MISSING = (
+    "pydicom's test files are missing: they come with pydicom and with pydicom-data (in the dev extras); "
+    "install them with `make venv` or `pip install -e '.[dev]'` (pydicom-data==1.0.0)"
+)
 
 
 @pytest.fixture(scope="session")
