@@ -19,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))  # the benchmark modules beside this runner
 
 from curate import bench_lexicon  # noqa: E402
+from failfast import bench_failfast  # noqa: E402
 from ingest import bench_ingest  # noqa: E402
 from lineage import bench_lineage  # noqa: E402
 from llm import bench_llm  # noqa: E402
@@ -48,7 +49,7 @@ def _machine() -> dict:
 BENCHMARKS: dict[str, Callable[[], dict]] = {
     "synth": bench_synth, "ingest": bench_ingest, "lexicon": bench_lexicon, "llm": bench_llm,
     "classical": bench_classical, "sam": bench_sam, "lineage": bench_lineage, "rebuild": bench_rebuild,
-    "scrub_eval": bench_scrub_eval, "train": bench_train,
+    "scrub_eval": bench_scrub_eval, "train": bench_train, "failfast": bench_failfast,
 }
 
 

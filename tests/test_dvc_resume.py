@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import socket
-import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from datetime import date
@@ -226,13 +225,22 @@ def test_push_interrupted_by_endpoint_outage_resumes_without_duplicates(
     assert set(v1.tables["images"].shards) < set(v2.tables["images"].shards)
     assert len(new_objects) >= 4  # new shards, manifest, splits, the .dir listing
 
-    # 1. The endpoint is already down when the push starts: the bucket check fails fast.
+    # 1. The endpoint is already down when the push starts: the bucket check fails fast, that is
+    #    after storage.max_attempts (2) tries and before DVC is opened at all (DVC would try every
+    #    object, each with botocore's own retries). The order of events, not the wall time.
+    opened: list[Path] = []
+    open_dvc = DvcRepo._repo
+
+    def recording_open(self: DvcRepo):
+        opened.append(self.root)
+        return open_dvc(self)
+
+    monkeypatch.setattr(DvcRepo, "_repo", recording_open)
     server.stop()
     assert server.refuses_connections()
-    started = time.monotonic()
-    with pytest.raises(StoreUnreachableError) as down:
+    with pytest.raises(StoreUnreachableError, match=r"\(connection refused\) after 2 attempts") as down:
         repo.push()
-    assert time.monotonic() - started < 10
+    assert opened == []  # refused at the bucket check: DVC never started
     assert_clear(str(down.value), server.endpoint)
     assert f"s3://{bucket}" in str(down.value) and "is unreachable" in str(down.value)
 
@@ -243,6 +251,7 @@ def test_push_interrupted_by_endpoint_outage_resumes_without_duplicates(
     uploads.arm(stop_after=2)
     with pytest.raises(DvcError) as broke:
         repo.push()
+    assert opened == [repo.root]  # the control: with the bucket check passed, DVC was opened (once)
     assert not server.running and server.refuses_connections()
     message = str(broke.value)
     assert message.startswith(f"dvc push with remote 'radground' (s3://{bucket}/{DVC_S3_PREFIX} "

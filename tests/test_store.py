@@ -276,22 +276,53 @@ def test_s3_prefix_isolates_stores_in_one_bucket(s3_server: str, make_s3_setting
     assert list(whole.list()) == ["site-b/x/1"]
 
 
+@pytest.fixture
+def store_sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """A fake clock for radground.store's retries: the waits tenacity asks for, recorded, not waited."""
+    import functools
+
+    from tenacity import Retrying
+
+    slept: list[float] = []
+    monkeypatch.setattr(store_module, "Retrying", functools.partial(Retrying, sleep=slept.append))
+    return slept
+
+
+def test_constructing_an_s3_store_makes_no_connection(make_s3_settings) -> None:
+    """open_store() touches no network: the endpoint (a listening socket that never answers) sees no
+    connection until the store is first used, and then it does (the control)."""
+    import socket
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        listener.setblocking(False)
+        endpoint = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        store = open_store(make_s3_settings(endpoint, max_attempts=1, read_timeout_s=0.2))
+        with pytest.raises(BlockingIOError):
+            listener.accept()  # nobody knocked
+        with pytest.raises(StoreUnreachableError, match=r"timed out"):
+            store.exists("a")  # first use: it connects, asks, and gets no answer
+        connection, _ = listener.accept()
+        connection.close()
+
+
 @pytest.mark.integration
-def test_s3_endpoint_down_raises_unreachable_quickly(
-    make_s3_settings, free_tcp_port: int, caplog: pytest.LogCaptureFixture
+def test_s3_endpoint_down_raises_unreachable_after_its_backoff(
+    make_s3_settings, free_tcp_port: int, caplog: pytest.LogCaptureFixture, store_sleeps: list[float]
 ) -> None:
     endpoint = f"http://127.0.0.1:{free_tcp_port}"  # nothing listens there
-    started = time.monotonic()
     settings = make_s3_settings(endpoint, max_attempts=2, backoff_s=0.01)
     store = open_store(settings)
-    assert time.monotonic() - started < 0.5  # constructing does no network I/O
     with caplog.at_level(logging.DEBUG), pytest.raises(StoreUnreachableError, match="unreachable") as info:
         store.get("a")
-    assert time.monotonic() - started < 5
+    # Two tries, one wait between them: backoff_s plus at most backoff_s of jitter (storage.backoff_s).
+    assert len(store_sleeps) == 1 and 0.01 <= store_sleeps[0] <= 0.02, store_sleeps
     # One line per retry from radground, none from urllib3 (its own retries are off).
     warnings = [(r.name, r.getMessage()) for r in caplog.records if r.levelno >= logging.WARNING]
     assert [name for name, _ in warnings] == ["radground.store"]
-    assert "check bucket failed (connection refused), attempt 1 of 2; retrying in" in warnings[0][1]
+    assert f"check bucket failed (connection refused), attempt 1 of 2; retrying in {store_sleeps[0]:.2f} s" in (
+        warnings[0][1])  # the wait it announces is the wait it asks for
     assert not [r for r in caplog.records if "Retrying (Retry(" in r.getMessage()]
     message = str(info.value)
     assert message == (
@@ -425,10 +456,24 @@ def test_s3_store_never_shows_credentials(make_s3_settings) -> None:
     assert "pw" not in store.describe()
 
 
+def test_s3_retries_back_off_doubling(make_s3_settings, free_tcp_port: int, store_sleeps: list[float]) -> None:
+    """storage.backoff_s is the first wait and doubles each retry (plus at most backoff_s of jitter):
+    four tries against a dead endpoint ask the fake clock for about 1, 2 and 4 s."""
+    store = open_store(make_s3_settings(f"http://127.0.0.1:{free_tcp_port}", max_attempts=4, backoff_s=1.0))
+    with pytest.raises(StoreUnreachableError, match=r"after 4 attempts"):
+        store.exists("a")
+    assert len(store_sleeps) == 3, store_sleeps
+    for slept, base in zip(store_sleeps, (1.0, 2.0, 4.0), strict=True):
+        assert base <= slept <= base + 1.0, store_sleeps
+
+
 class _SilentS3(BaseHTTPRequestHandler):
-    """Accepts the connection, then never answers in time."""
+    """Accepts the connection, then never answers in time: closes it after 2 s without a reply."""
+
+    hits = 0
 
     def do_HEAD(self) -> None:
+        type(self).hits += 1
         time.sleep(2)
 
     def log_message(self, *args: object) -> None:
@@ -436,12 +481,18 @@ class _SilentS3(BaseHTTPRequestHandler):
 
 
 @pytest.mark.integration
-def test_s3_read_timeout_is_retried_then_unreachable(serve_stub, make_s3_settings) -> None:
-    store = open_store(make_s3_settings(serve_stub(_SilentS3), max_attempts=2, read_timeout_s=0.2))
-    started = time.monotonic()
+def test_s3_read_timeout_is_retried_then_unreachable(serve_stub, make_s3_settings, store_sleeps) -> None:
+    """storage.read_timeout_s (0.2 s), not the server's 2 s, ends each try: a client that waited the
+    server out would see the connection closed without a reply, not a timeout. Both tries reach the
+    server, with one backoff between them."""
+    handler = type("Silent", (_SilentS3,), {"hits": 0})
+    # connect_timeout_s is far from read_timeout_s and from the server's 2 s: mixing them up shows
+    store = open_store(make_s3_settings(serve_stub(handler), max_attempts=2, read_timeout_s=0.2,
+                                        connect_timeout_s=5.0, backoff_s=0.5))
     with pytest.raises(StoreUnreachableError, match=r"unreachable \(timed out.*\) after 2 attempts"):
         store.exists("a")
-    assert time.monotonic() - started < 1.5
+    assert handler.hits == 2
+    assert len(store_sleeps) == 1 and 0.5 <= store_sleeps[0] <= 1.0, store_sleeps
 
 
 class _FlakyS3(BaseHTTPRequestHandler):

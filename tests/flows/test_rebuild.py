@@ -293,18 +293,38 @@ def test_datasets_and_lineage_commands_answer_by_pseudonym_only(rebuilt):
     assert jsonlib.loads(where)["versions"] == [digest]
 
 
-def test_a_second_rebuild_on_the_same_data_dir_waits_then_fails_clearly(tmp_path):
+def test_a_second_rebuild_on_the_same_data_dir_waits_then_fails_clearly(tmp_path, monkeypatch):
+    """The second rebuild tries the lock, says whom it waits for, waits rebuild_lock_timeout_s for it
+    (asked of a fake clock: the waits are recorded, not waited out), then fails naming the lock."""
     from filelock import FileLock
 
     from flows.rebuild import RebuildLockedError
+    from radground import buildstate
 
+    waits: list[float | None] = []
+    events: list[str] = []
+
+    class FakeClockLock(FileLock):
+        def acquire(self, timeout=None, *args, **kwargs):
+            if not str(self.lock_file).endswith("rebuild.lock"):
+                return super().acquire(timeout, *args, **kwargs)
+            waits.append(timeout)
+            events.append(f"acquire {timeout}")
+            return super().acquire(0, *args, **kwargs)  # one try: the time asked for passes at once
+
+    monkeypatch.setattr(buildstate, "FileLock", FakeClockLock)
     drop = generate_drop(tmp_path / "drop", patients=1, seed=2)
     settings = load_settings(data_dir=tmp_path / "data", rebuild_lock_timeout_s=0.5)
     settings.data_dir.mkdir(parents=True)
     # a rebuild in progress (one that left no note of who it is)
-    with FileLock(settings.data_dir / "rebuild.lock"), pytest.raises(
-            RebuildLockedError, match=r"another rebuild or forget holds .*rebuild\.lock \(waited 0\.5 s\)"):
+    with (FileLock(settings.data_dir / "rebuild.lock"),
+          progress_hook(lambda *_: None, lambda notice: events.append(f"notice {notice}")),
+          pytest.raises(RebuildLockedError,
+                        match=r"another rebuild or forget holds .*rebuild\.lock \(waited 0\.5 s\)")):
         run_rebuild([str(drop.drop_dir)], settings)
+    assert waits == [0, 0.5], events  # a try without waiting, then the configured wait, nothing more
+    assert events[0] == "acquire 0" and events[-1] == "acquire 0.5", events
+    assert len(events) == 3 and events[1].startswith("notice waiting for another rebuild or forget"), events
     assert not (settings.data_dir / "prefect").exists()  # refused before Prefect or Ray started
 
 

@@ -311,6 +311,21 @@ def test_text_keeps_umlauts_in_names_and_prose():
         assert re.search(r"[äöüßÄÖÜ]", prose), prose
 
 
+class _EdgeRng(random.Random):
+    """An rng that always draws the first option (last=False) or the last one (last=True): what a
+    generator makes from it is known by reading its option lists, without running the generator."""
+
+    def __init__(self, last: bool) -> None:
+        super().__init__(0)
+        self.last = last
+
+    def _randbelow(self, n: int) -> int:  # choice, randrange and randint all draw through it
+        return n - 1 if self.last else 0
+
+    def random(self) -> float:
+        return 0.99 if self.last else 0.0
+
+
 def test_name_lists_and_random_person():
     for given, family in ((GERMAN_GIVEN, GERMAN_FAMILY), (ENGLISH_GIVEN, ENGLISH_FAMILY)):
         assert 20 <= len(given) <= 30 and 20 <= len(family) <= 30
@@ -321,8 +336,13 @@ def test_name_lists_and_random_person():
     people = [random_person(random.Random(i), "de") for i in range(50)]
     assert all(p.given in GERMAN_GIVEN and p.family in GERMAN_FAMILY and p.sex in "MF" for p in people)
     assert {p.sex for p in people} == {"M", "F"}
-    assert random_person(random.Random(5), "en") == random_person(random.Random(5), "en")
     assert random_person(random.Random(5), "en").family in ENGLISH_FAMILY
+    # Every draw goes through the rng passed in (what makes a seeded drop reproducible): an rng that
+    # always picks the first (last) option gives the lists' first (last) names, read off the lists.
+    assert random_person(_EdgeRng(last=False), "en") == Person("James", "Smith", "M")
+    assert random_person(_EdgeRng(last=True), "en") == Person("Zoë", "Hughes", "F")
+    assert random_person(_EdgeRng(last=False), "de") == Person("Hans", "Müller", "M")
+    assert random_person(_EdgeRng(last=True), "de") == Person("Susanne", "Strauß", "F")
 
 
 def test_random_phone_formats():
@@ -333,7 +353,12 @@ def test_random_phone_formats():
     assert all(german.fullmatch(p) for p in de_phones), de_phones
     assert all(english.fullmatch(p) for p in en_phones), en_phones
     assert {p[0] for p in de_phones} == {"0", "+"} and {p[0] for p in en_phones} == {"+", "("}
-    assert random_phone(random.Random(9), "de") == random_phone(random.Random(9), "de")
+    # Every draw through the rng passed in: first options (area 089, the local form, digits 0, the
+    # shortest extension) and last options (area 0351, the international form, digits 9).
+    assert random_phone(_EdgeRng(last=False), "de") == "089 0000-000"
+    assert random_phone(_EdgeRng(last=True), "de") == "+49 351 9999999"
+    assert random_phone(_EdgeRng(last=False), "en") == "+44 20 7946 0000"
+    assert random_phone(_EdgeRng(last=True), "en") == "(555) 019-9999"
 
 
 @pytest.mark.parametrize(("override", "message"), [

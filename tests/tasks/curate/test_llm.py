@@ -10,7 +10,6 @@ import logging
 import multiprocessing
 import multiprocessing.synchronize
 import sqlite3
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -71,6 +70,53 @@ def make_backend(tmp_path: Path, clean_env: None):
     yield build
     for backend in made:
         backend.close()
+
+
+class _Waits(list):
+    """The backoff waits the backend asks for, as (seconds asked, woken by the batch's stop event)."""
+
+
+@pytest.fixture
+def backoff_waits(monkeypatch: pytest.MonkeyPatch) -> _Waits:
+    """A fake clock for the backend's backoff: its stop event (whose wait is tenacity's sleep) records
+    every wait it is asked for and returns at once, as if the time had passed, unless the event is
+    already set. Patched into tasks.curate.llm only: the stub server and the thread pool keep theirs."""
+    import threading
+    from types import SimpleNamespace
+
+    import tasks.curate.llm as llm_module
+
+    waits = _Waits()
+
+    class FakeClockEvent(threading.Event):
+        def wait(self, timeout: float | None = None) -> bool:
+            woken = self.is_set()
+            waits.append((timeout, woken))
+            return woken
+
+    monkeypatch.setattr(llm_module, "threading", SimpleNamespace(Event=FakeClockEvent, Lock=threading.Lock))
+    return waits
+
+
+@pytest.fixture
+def real_waits(monkeypatch: pytest.MonkeyPatch) -> _Waits:
+    """Like backoff_waits, but each wait really waits (at most 10 s, so a batch that is never stopped
+    fails this test in 10 s, not in its backoff's time) and records whether the stop event woke it."""
+    import threading
+    from types import SimpleNamespace
+
+    import tasks.curate.llm as llm_module
+
+    waits = _Waits()
+
+    class RecordingEvent(threading.Event):
+        def wait(self, timeout: float | None = None) -> bool:
+            woken = super().wait(None if timeout is None else min(timeout, 10.0))
+            waits.append((timeout, woken))
+            return woken
+
+    monkeypatch.setattr(llm_module, "threading", SimpleNamespace(Event=RecordingEvent, Lock=threading.Lock))
+    return waits
 
 
 def test_good_answers_give_keywords_with_verbatim_spans(llm_server, make_backend):
@@ -160,6 +206,19 @@ def test_rate_limits_and_server_errors_are_retried(llm_server, make_backend, sta
     assert llm_server.requests == 3
 
 
+def test_retries_back_off_doubling_between_tries(llm_server, make_backend, backoff_waits):
+    """Four tries against a server that stays down: three waits between them, each twice the one
+    before (backoff_s = 1 s: 1, 2, 4 s, each times the jitter 1 to 1.25), asked of the fake clock."""
+    llm_server.responder = lambda messages: (503, "busy")
+    backend = make_backend(llm_server, max_attempts=4, backoff_s=1.0)
+    (result,) = backend.extract([AORTA], "en")
+    assert result.reason == "http_5xx" and llm_server.requests == 4 and backend.stats["retries"] == 3
+    asked = [seconds for seconds, _ in backoff_waits]
+    assert len(asked) == 3, backoff_waits
+    for seconds, base in zip(asked, (1.0, 2.0, 4.0), strict=True):
+        assert base <= seconds <= base * 1.25, asked
+
+
 @pytest.mark.parametrize(("status", "reason"), [(429, "http_429"), (502, "http_5xx")])
 def test_persistent_server_errors_become_failures(llm_server, make_backend, status, reason):
     llm_server.responder = lambda messages: (status, "down")
@@ -173,12 +232,17 @@ def test_client_errors_are_not_retried(llm_server, make_backend):
     assert result.reason == "http_4xx" and llm_server.requests == 1
 
 
-def test_slow_server_times_out(llm_server, make_backend):
+def test_slow_server_times_out(llm_server, make_backend, backoff_waits):
+    """llm.timeout_s bounds each try: a server slower than it (0.5 s against 0.1 s) gives a timeout on
+    every try, one backoff between the two tries, then the failure. Had the client waited the server
+    out, the stub's answer would have come back as keywords."""
     llm_server.latency_s = 0.5
-    started = time.monotonic()
-    (result,) = make_backend(llm_server, timeout_s=0.1, max_attempts=2).extract([AORTA], "en")
-    assert result.reason == "timeout" and llm_server.requests == 2
-    assert time.monotonic() - started < 1.5
+    (result,) = make_backend(llm_server, timeout_s=0.1, max_attempts=2, backoff_s=1.0).extract([AORTA], "en")
+    assert isinstance(result, ExtractionFailure), result
+    assert result.reason == "timeout" and "llm.timeout_s = 0.1 s" in result.detail
+    assert llm_server.requests == 2
+    # one backoff, between try 1 and try 2: backoff_s x 2**0, times the jitter (1 to 1.25)
+    assert len(backoff_waits) == 1 and 1.0 <= backoff_waits[0][0] <= 1.25, backoff_waits
 
 
 def test_unreachable_server_is_a_connection_error(free_tcp_port, make_backend):
@@ -196,13 +260,30 @@ def test_rejected_credentials_stop_at_once(llm_server, make_backend, status):
     assert llm_server.requests == 1
 
 
-def test_rejected_credentials_cut_other_sentences_backoff_short(llm_server, make_backend):
-    llm_server.responder = lambda messages: (500, "busy") if sentence_of(messages) == AORTA else (401, "no")
+def test_rejected_credentials_cut_other_sentences_backoff_short(llm_server, make_backend, real_waits):
+    """AORTA fails first (500) and its worker starts a 30 s backoff; then LUNGS is refused (401). The
+    CurationError stops the batch: the waiting worker is woken by the stop event, not by its backoff
+    running out, and AORTA is never asked again."""
+    import threading
+
+    aorta_failed = threading.Event()
+
+    def respond(messages):
+        if sentence_of(messages) == AORTA:
+            aorta_failed.set()
+            return 500, "busy"
+        aorta_failed.wait(timeout=10)  # the order of events: AORTA's failure, then the refusal
+        return 401, "no"
+
+    llm_server.responder = respond
     backend = make_backend(llm_server, backoff_s=30.0, max_concurrency=2)
-    started = time.monotonic()
-    with pytest.raises(CurationError):
+    with pytest.raises(CurationError, match=r"HTTP 401"):
         backend.extract([AORTA, LUNGS], "en")
-    assert time.monotonic() - started < 5  # AORTA's 30 s backoff is abandoned, not waited out
+    assert llm_server.per_sentence == {AORTA: 1, LUNGS: 1}
+    # AORTA's one backoff: 30 s asked for (times the jitter, 1 to 1.25), cut short by the stop event
+    assert len(real_waits) == 1, real_waits
+    (asked, woken), = real_waits
+    assert 30.0 <= asked <= 37.5 and woken, real_waits
 
 
 def test_backoff_doubles_and_honours_retry_after(llm_server, make_backend):
@@ -312,13 +393,10 @@ def test_interrupted_run_resumes_with_the_missing_sentences(llm_server, make_bac
 def test_concurrency_is_bounded_and_order_kept(llm_server, make_backend):
     sentences = [f"Calcified plaques of the aorta, segment {i}." for i in range(12)]
     llm_server.keywords.update({s: [("segment", "aorta"), (str(i), "aorta")] for i, s in enumerate(sentences)})
-    llm_server.latency_s = 0.2
-    started = time.monotonic()
+    llm_server.latency_s = 0.2  # each request stays in flight long enough for the others to join it
     results = make_backend(llm_server, max_concurrency=3).extract(sentences, "en")
-    elapsed = time.monotonic() - started
-    assert llm_server.peak_in_flight == 3
-    assert elapsed < 12 * 0.2  # parallel, yet 4 rounds of 3 cannot beat 0.8 s
-    assert elapsed >= 0.8
+    # parallel (3 at once, not 1), yet bounded (never 4 or more); its throughput is bench/llm.py's
+    assert llm_server.peak_in_flight == 3 and llm_server.requests == 12
     for i, (sentence, keywords) in enumerate(zip(sentences, results, strict=True)):
         assert [k.keyword for k in keywords] == ["segment", str(i)], sentence
 
