@@ -100,7 +100,24 @@ def test_forgotten_patients_accumulate(settings):
     assert buildstate.forgotten_patients(settings) == {"P" + "A" * 20, "P" + "B" * 20}
 
 
-def test_a_second_writer_waits_then_fails_naming_the_lock(settings):
+@pytest.fixture
+def lock_waits(monkeypatch) -> list:
+    """The waits rebuild_lock asks of its FileLock, recorded instead of waited out (a fake clock): each
+    acquire is one try. A lock that did not wait, or waited the wrong time, shows in the list."""
+    from filelock import FileLock
+
+    waits: list = []
+
+    class FakeClockLock(FileLock):
+        def acquire(self, timeout=None, *args, **kwargs):
+            waits.append(timeout)
+            return super().acquire(0, *args, **kwargs)
+
+    monkeypatch.setattr(buildstate, "FileLock", FakeClockLock)
+    return waits
+
+
+def test_a_second_writer_waits_then_fails_naming_the_lock(settings, lock_waits):
     from filelock import FileLock
 
     quick = settings.model_copy(update={"rebuild_lock_timeout_s": 0.2})
@@ -108,6 +125,10 @@ def test_a_second_writer_waits_then_fails_naming_the_lock(settings):
     with FileLock(settings.data_dir / "rebuild.lock"), pytest.raises(
             buildstate.RebuildLockedError, match=r"rebuild\.lock \(waited 0\.2 s\)"), buildstate.rebuild_lock(quick):
         pass
+    assert lock_waits == [0, 0.2]  # one try, then the configured wait: nothing more, nothing less
+    with buildstate.rebuild_lock(quick):  # free: the first try takes it, no wait asked for
+        pass
+    assert lock_waits == [0, 0.2, 0]
 
 
 def test_the_lock_holder_names_itself_beside_the_lock_and_nothing_else(settings):
