@@ -111,8 +111,9 @@ _EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
 _ID_RUN = re.compile(r"(?<![\w.,])[A-Za-z]{1,5}[-_/]?\d{6,}(?!\w)|(?<![\d.,])\d{6,}(?!\d)")  # KIS-123456
 _ID_GROUPS = re.compile(r"(?<![\w./-])\d{2,}(?:-\d{2,}){1,3}(?![\w/-]|\.\d)")  # 123-45-678 (>= 7 digits)
 _UID = re.compile(r"(?<![\d.])[12](?:\.\d+){4,}")  # a DICOM UID is an identifier, not a number
-# A short numeric known ID ("4711") must not eat "4711 ml": no unit or decimal part may follow.
-_NOT_MEASURE = r"(?![.,]\d)(?![ \t]*(?:mm|cm|m|ml|l|%|kg|g|mg|HU|ms|s|min|mGy|mSv|Gy|kV|mAs|T)(?!\w))"
+# A short numeric known ID ("4711") must not eat "4711 ml": no unit or decimal part may follow
+# (squared and cubed units too: "1200 cm³", "4711 mm3").
+_NOT_MEASURE = r"(?![.,]\d)(?![ \t]*(?:mm|cm|m|ml|l|%|kg|g|mg|HU|ms|s|min|mGy|mSv|Gy|kV|mAs|T)[23²³]?(?!\w))"
 
 # ---- dates -----------------------------------------------------------------------------------
 _MONTHS = {
@@ -203,15 +204,29 @@ def _spans(pattern: re.Pattern, text: str, category: str, rank: int, group: str 
 
 
 # ---- values known from the headers -------------------------------------------------------------
-def _spelling(value: str) -> str:
-    """Regex for ``value`` in the spellings clerks use: Müller ~ MUELLER, Größ ~ GROSS ~ Groess."""
+# Plain letters by base: a header written without accents ("DUPRE") still finds "Dupré" in the report.
+_ACCENTED: dict[str, str] = {}
+for _cp in range(0xC0, 0x250):
+    _nfd = unicodedata.normalize("NFD", chr(_cp))
+    if len(_nfd) > 1 and _nfd[0].isascii() and _nfd[0].isalpha() and chr(_cp).islower():
+        _ACCENTED[_nfd[0]] = _ACCENTED.get(_nfd[0], "") + chr(_cp)
+_GAP = r"(?:[ \t]+|(?<=\.)[ \t]*)"  # between words: "v. Müller", "v.d.Berg"
+
+
+def _spelling(value: str, drop_umlauts: bool = False) -> str:
+    """Regex for ``value`` in the spellings clerks use: Müller ~ MUELLER, Größ ~ GROSS ~ Groess, Dupre ~ Dupré.
+
+    ``drop_umlauts`` also lets ä/ö/ü (ae/oe/ue) stand for a plain a/o/u ("Müller" ~ "Muller", typed on a
+    keyboard without umlauts); off by default because "Größ" must not eat the word "groß".
+    """
     s = re.sub(r"[\s-]+", " ", unicodedata.normalize("NFC", value.strip()).casefold())  # ß -> ss
     out, i = [], 0
     while i < len(s):
         c, base, step = s[i], unicodedata.normalize("NFD", s[i])[0], 1
         if c in "äöü" or (base in "aou" and s[i:i + 2] == base + "e"):
-            # ä = ae (and a + combining diaeresis); never plain "a": "Größ" must not eat "groß".
-            out.append(f"(?:{'äöü'['aou'.index(base)]}|{base}\u0308|{base}e)")
+            # ä = ae (and a + combining diaeresis); plain "a" only when asked (see above).
+            plain = f"|{base}" if drop_umlauts else ""
+            out.append(f"(?:{'äöü'['aou'.index(base)]}|{base}\u0308|{base}e{plain})")
             step = 1 if c in "äöü" else 2
         elif s[i:i + 2] == "ss":
             out.append("(?:ss|ß)")
@@ -222,10 +237,18 @@ def _spelling(value: str) -> str:
             out.append("['’`´]?")
         elif c == ".":
             out.append(r"\.?")
+        elif base.isascii() and base.isalpha():  # é ~ e both ways (ä/ö/ü are handled above)
+            out.append("[" + "".join(dict.fromkeys(c + base + _ACCENTED.get(base, ""))) + "]")
         else:
-            out.append(f"[{re.escape(c)}{re.escape(base)}]" if base != c else re.escape(c))
+            out.append(re.escape(c))
         i += step
     return "".join(out)
+
+
+def _plain(word: str) -> str:
+    """``word`` casefolded with umlauts dropped and accents stripped: "Müller"/"MUELLER" -> "muller"."""
+    s = re.sub("(?<=[aou])e", "", unicodedata.normalize("NFC", word).casefold())
+    return "".join(unicodedata.normalize("NFD", c)[0] for c in s)
 
 
 def _initial(word: str) -> str:
@@ -243,33 +266,77 @@ def _name_parts(raw: str) -> tuple[str, list[str]]:
     else:
         words = raw.split()
         family, given = (words[-1], " ".join(words[:-1])) if words else ("", "")
+    # Particles belong to the family name wherever the header writes them: "Hans von Müller",
+    # "Müller, Hans von" and "von Müller^Hans" are all family "von Müller", given "Hans".
+    words = given.split()
+    while len(words) > 1 and words[-1].casefold() in _PARTICLES:
+        family = f"{words.pop()} {family}"
+    given = " ".join(words)
     givens = [g for g in re.split(r"[\s-]+", given.strip()) if len(g) > 1 and not g.endswith(".")]
     if len(givens) > 1:
         givens.insert(0, " ".join(givens))  # "Hans Peter" / "Hans-Peter" as one
     return family.strip(), givens
 
 
+def _spelling_ae(word: str) -> str:
+    """``word`` with ä/ö/ü written ae/oe/ue in its own case: "Bär" -> "Baer", "BÄR" -> "BAER"."""
+    upper = word.isupper()
+    for umlaut, plain in (("ä", "ae"), ("ö", "oe"), ("ü", "ue")):
+        word = word.replace(umlaut, plain).replace(umlaut.upper(), plain.upper() if upper else plain.capitalize())
+    return word
+
+
+def _alone(word: str, vocabulary: phi_text.Vocabulary) -> list[re.Pattern]:
+    """Patterns for one surname written alone ("Frau Müller", "laut MUELLER")."""
+    if len(word) <= 3:  # "Li", "Re" would eat the abbreviations "li." / "re.": match as written only
+        forms = {word, word.upper(), word.capitalize()}
+        forms |= {_spelling_ae(f) for f in forms}  # "Bär" ~ "Baer", "BÄR" ~ "BAER"
+        variants = "|".join(re.escape(v) for v in sorted(forms))
+        return [re.compile(rf"{_NO_LETTER_BEFORE}(?:{variants}){_NO_LETTER_AFTER}")]
+    patterns = [re.compile(rf"{_NO_LETTER_BEFORE}{_spelling(word)}{_NO_LETTER_AFTER}", re.IGNORECASE)]
+    # Umlaut dropped ("Muller" for "Müller"), unless that is a word: "Größ" -> "gross", "Schön" -> "schon".
+    plain = _plain(word)
+    if plain != word.casefold() and plain not in vocabulary.never and plain not in vocabulary.ambiguous:
+        patterns.append(re.compile(rf"{_NO_LETTER_BEFORE}{_spelling(word, True)}{_NO_LETTER_AFTER}",
+                                   re.IGNORECASE))
+    return patterns
+
+
 def _known_name_patterns(raw: str) -> list[re.Pattern]:
     family, givens = _name_parts(raw)
-    if len(family) < 2:
+    words = family.split()
+    lead = []  # leading particles: "von", "van der", "de la"
+    while len(words) > 1 and words[0].casefold() in _PARTICLES:
+        lead.append(words.pop(0))
+    core = " ".join(words)
+    if len(core) < 2:
         return []
-    f = _spelling(family)
+    # A particle may be abbreviated ("v. Müller", "v. d. Berg") or left out ("Hans Müller").
+    particles = _GAP.join(rf"(?:{_spelling(p)}|{re.escape(p[0])}\.)" for p in lead)
+    f = rf"(?:{particles}{_GAP})?{_spelling(core, True)}" if lead else _spelling(core, True)
     forms = [rf"{f}\^{_L}*(?:\^[\w.]*)*"]  # DICOM PN written into the report
+    patterns = []
     if givens:
-        g = "|".join(_spelling(x) for x in givens)
+        g = "|".join(_spelling(x, True) for x in givens)
         first = rf"(?:{g}|(?:{'|'.join(_initial(x) for x in givens)})\.)"  # "Hans" or "H."
-        forms += [rf"{f}[ \t]*,[ \t]*{first}", rf"{first}[ \t]*(?:{_L}\.[ \t]*)?{f}",
-                  rf"{f}[ \t]+{first}", rf"(?:{g})[ \t]+{_initial(family)}\."]
-    patterns = [re.compile(rf"{_NO_LETTER_BEFORE}(?:{p}){_NO_LETTER_AFTER}", re.IGNORECASE) for p in forms]
-    parts = re.split(r"[\s-]+", family)  # "Meyer-Lüdenscheidt": each part alone is also the name
-    words = [family] + ([w for w in parts if w.casefold() not in _PARTICLES] if len(parts) > 1 else [])
-    for word in (w for w in dict.fromkeys(words) if len(w) >= 2):
-        if len(word) <= 3:  # "Li", "Re" would eat the abbreviations "li." / "re.": match as written only
-            variants = "|".join(re.escape(v) for v in {word, word.upper(), word.capitalize()})
-            patterns.append(re.compile(rf"{_NO_LETTER_BEFORE}(?:{variants}){_NO_LETTER_AFTER}"))
-        else:
-            patterns.append(re.compile(rf"{_NO_LETTER_BEFORE}{_spelling(word)}{_NO_LETTER_AFTER}",
-                                       re.IGNORECASE))
+        after = rf"(?:[ \t]+{particles})?" if lead else ""  # "Müller, Hans von"
+        forms += [rf"{f}[ \t]*,[ \t]*{first}{after}", rf"{first}[ \t]*(?:{_L}\.[ \t]*)?{f}",
+                  rf"{f}[ \t]+{first}", rf"(?:{g})[ \t]+{_initial(core)}\."]
+        # Initials alone, dotted and upper case as written: "H. M.", "H.M.", "H.-J. M.", "H. v. M." (not
+        # after a clock time: "10 A.M."). Bare "HM" is left alone: "CT", "KM", "LK" are somebody's initials too.
+        given_initials = r"[ \t]*-?[ \t]*".join(rf"{re.escape(w[0].upper())}\." for w in re.split(r"[\s-]+", givens[0]))
+        particle_initials = "".join(rf"[ \t]*{re.escape(p[0].lower())}\." for p in lead)
+        patterns.append(re.compile(rf"(?<!\d)(?<!\d[ \t]){_NO_LETTER_BEFORE}{given_initials}(?:{particle_initials})?"
+                                   rf"[ \t]*{re.escape(core[0].upper())}\.(?![ \t]?{_L}\.)"))
+    patterns += [re.compile(rf"{_NO_LETTER_BEFORE}(?:{p}){_NO_LETTER_AFTER}", re.IGNORECASE) for p in forms]
+    vocabulary = phi_text.vocabulary()
+    if lead:  # "von Müller", "v. Müller" alone
+        patterns.append(re.compile(rf"{_NO_LETTER_BEFORE}{particles}{_GAP}{_spelling(core)}{_NO_LETTER_AFTER}",
+                                   re.IGNORECASE))
+    parts = re.split(r"[\s-]+", core)  # "Meyer-Lüdenscheidt": each part alone is also the name
+    for word in dict.fromkeys([core] + (parts if len(parts) > 1 else [])):
+        if len(word) >= 2:
+            patterns += _alone(word, vocabulary)
     return patterns
 
 
@@ -280,17 +347,24 @@ def _known_spans(text: str, known: KnownPHI) -> Iterator[_Span]:
             if len(part.strip()) >= 3:
                 pattern = re.compile(rf"(?<![^\W_]){_spelling(part)}(?![^\W_])", re.IGNORECASE)
                 yield from _spans(pattern, text, "other", 0)
-    for value in (v.strip() for v in known.identifiers):
-        if len(value) < 3:  # "7" or "12" would hit list items and measurements
+    for value in known.identifiers:
+        # Separators come and go: "123-456-78" ~ "12345678" ~ "123 456 78"; so do leading zeros:
+        # "00012345" is also written "12345", and "12345" "0012345".
+        core = re.sub(r"[\s./-]+", "", value)
+        if len(core) < 3:  # "7" or "12" would hit list items and measurements
             continue
-        stripped = value.lstrip("0")  # "00123456" is also written "123456"
-        forms = {value, stripped} if len(stripped) >= 4 else {value}
-        guard = _NOT_MEASURE if value.isdigit() and len(value) < 6 else ""
-        # A long ID is also written in groups: "9882 8391", "9882-8391".
-        sep = r"[ \t./-]?" if len(value) >= 6 else ""
-        body = "|".join(sep.join(map(re.escape, v)) for v in sorted(forms, key=len, reverse=True))
-        yield from _spans(re.compile(rf"(?<![^\W_])(?<![.,]\d)(?:{body})(?![^\W_]){guard}", re.IGNORECASE),
-                          text, "id", 1)
+        stripped = core.lstrip("0")
+        forms = {core, stripped} if len(stripped) >= 4 else {core}
+        alternatives = []
+        for form in sorted(forms, key=len, reverse=True):
+            if len(form) >= 6:  # a long ID is also written in groups: "9882 8391", "9882-8391"
+                alternatives.append(r"[ \t./-]?".join(map(re.escape, form)))
+            else:  # a short numeric form ("4711") must not eat "4711 ml" or "4711,5"
+                alternatives.append(re.escape(form) + (_NOT_MEASURE if form.isdigit() else ""))
+        zeros = "0*" if core.isdigit() else ""
+        # Not the decimal part of a number: "0,4711" is a value, not the ID 4711.
+        yield from _spans(re.compile(rf"(?<![^\W_])(?<!\d[.,]){zeros}(?:{'|'.join(alternatives)})(?![^\W_])",
+                                     re.IGNORECASE), text, "id", 1)
     for raw in known.person_names:
         for pattern in _known_name_patterns(raw):
             yield from _spans(pattern, text, "name", 5)
