@@ -71,20 +71,6 @@ def test_synth_writes_a_drop_and_summary(tmp_path):
     assert "DICOM files" in result.stdout
 
 
-@pytest.mark.slow
-@pytest.mark.integration
-def test_demo_writes_under_data_dir(tmp_path):
-    # seed 0: a 2-patient drop whose reports ground (the automatic seed looks for a val patient only,
-    # and a 2-patient drop it picks may ground nothing, which the quality gate stops)
-    result = run_cli("demo", "--patients", "2", "--seed", "0", env={"RADGROUND_DATA_DIR": str(tmp_path / "data")})
-    assert result.returncode == 0, result.stderr
-    assert (tmp_path / "data" / "drops" / "demo" / "reports.csv").is_file()
-    flat = result.stdout.replace("\n", " ")
-    assert str(tmp_path / "data" / "drops" / "demo") in result.stdout.replace("\n", "")
-    assert "slices +" in flat and "quarantined" in flat  # the rebuild's summary line
-    assert list((tmp_path / "data" / "store" / "ingest").glob("*/images/*.parquet"))
-
-
 # ----------------------------------------------------------------------------- where am I (data_dir), env typos
 
 
@@ -299,7 +285,8 @@ def test_datasets_pull_takes_the_printed_id_and_a_short_prefix(tmp_path):
         assert pulled.returncode == 0, (form, pulled.stderr)
         assert (data / "versions" / digests[0][:16] / "manifest.json").is_file()
     missing = run_cli("datasets", "pull", "0" * 16, env=env)
-    assert missing.returncode == 2 and "no version in" in missing.stderr
+    # rich wraps the message at a width that depends on the tmp path's length: compare it unwrapped
+    assert missing.returncode == 2 and "no dataset version in" in " ".join(missing.stderr.split())
 
 
 # ----------------------------------------------------------------------------- show --lang

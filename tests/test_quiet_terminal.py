@@ -1,7 +1,8 @@
 """`radground demo` keeps the terminal to radground's own lines; what the libraries say goes under data_dir.
 
 Runs the demo as a user does (a subprocess, stdout and stderr apart) with HOME pointed at an
-empty folder, so that anything a library writes to ~/.ray or ~/.prefect shows.
+empty folder, so that anything a library writes to ~/.ray or ~/.prefect shows. The suite's only
+demo run: the check that it writes under data_dir (once in tests/test_cli.py) reads it too.
 """
 
 import os
@@ -23,18 +24,33 @@ LIBRARY_NOISE = ("auth_token", "token authentication", "Initialized DVC", "alemb
 OWN_RECORD = re.compile(r"(DEBUG|INFO|WARNING|ERROR|CRITICAL) (radground|flows|tasks|models)(\.\w+)*: ")
 
 
+#: The one demo of the suite. One patient: every library still runs (Prefect server, local Ray, DVC init/add/push,
+#: MLflow); training is skipped (one patient cannot be in both train and val). Seed 0 given explicitly.
+DEMO = ("demo", "--patients", "1", "--seed", "0")
+
+
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
+    """`radground demo`, run once for every test of this module (tests/test_cli.py ran a second one before)."""
     root = tmp_path_factory.mktemp("quiet")
     home, data_dir = root / "home", root / "data"
     home.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RADGROUND_")}
     env.update(HOME=str(home), RADGROUND_DATA_DIR=str(data_dir))
-    # One patient: every library still runs (Prefect server, local Ray, DVC init/add/push, MLflow).
-    result = subprocess.run([sys.executable, "-m", "radground", "demo", "--patients", "1"], capture_output=True,
-                            text=True, env=env, cwd=root, timeout=300)
+    result = subprocess.run([sys.executable, "-m", "radground", *DEMO], capture_output=True, text=True, env=env,
+                            cwd=root, timeout=300)
     assert result.returncode == 0, result.stderr
     return result, home, data_dir
+
+
+def test_demo_writes_under_data_dir(demo):
+    """Moved from tests/test_cli.py: RADGROUND_DATA_DIR decides where everything goes."""
+    result, _, data_dir = demo
+    assert (data_dir / "drops" / "demo" / "reports.csv").is_file()
+    flat = result.stdout.replace("\n", " ")
+    assert str(data_dir / "drops" / "demo") in result.stdout.replace("\n", "")
+    assert "slices +" in flat and "quarantined" in flat  # the rebuild's summary line
+    assert list((data_dir / "store" / "ingest").glob("*/images/*.parquet"))
 
 
 def test_no_library_line_reaches_the_terminal(demo):
@@ -114,8 +130,8 @@ def test_a_second_demo_keeps_its_drop_and_starts_neither_prefect_nor_ray(demo):
     flows_before = log.read_text(encoding="utf-8").count("Beginning flow run")
     env = {k: v for k, v in os.environ.items() if not k.startswith("RADGROUND_")}
     env.update(HOME=str(home), RADGROUND_DATA_DIR=str(data_dir))
-    again = subprocess.run([sys.executable, "-m", "radground", "demo", "--patients", "1"], capture_output=True,
-                           text=True, env=env, timeout=300)
+    again = subprocess.run([sys.executable, "-m", "radground", *DEMO], capture_output=True, text=True, env=env,
+                           timeout=300)  # the same command: the same patients and seed
     assert again.returncode == 0, again.stderr
     flat = " ".join(again.stdout.split())
     assert "demo drop kept:" in flat and flat.count(": current (built ") == 4 and "unchanged" in flat

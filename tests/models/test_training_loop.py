@@ -34,6 +34,14 @@ def _config(settings, folder: Path, root: Path) -> LoopConfig:
                       run_id="0" * 32, ray_run_name="train-test", checkpoint_root=str(root), record_mlflow=False)
 
 
+@pytest.fixture(scope="module")
+def unbroken(data, tmp_path_factory):
+    """One 8-step run without a break: checked by the loss/checkpoint test, the reference of the resume test
+    (both used to train it themselves, on the same config)."""
+    settings, folder = data
+    return train_loop(_config(settings, folder, tmp_path_factory.mktemp("unbroken") / "ckpt"))
+
+
 def test_tokenizer_texts_are_the_train_split_text_and_prompts(data) -> None:
     settings, folder = data
     texts = tokenizer_texts(settings, folder.name)
@@ -43,9 +51,9 @@ def test_tokenizer_texts_are_the_train_split_text_and_prompts(data) -> None:
     assert not any(p in t for t in texts for p in (TRAIN, VAL, TEST))
 
 
-def test_loop_without_ray_lowers_the_loss_and_writes_checkpoints_with_lineage(data, tmp_path: Path) -> None:
+def test_loop_without_ray_lowers_the_loss_and_writes_checkpoints_with_lineage(data, unbroken) -> None:
     settings, folder = data
-    result = train_loop(_config(settings, folder, tmp_path / "ckpt"))
+    result = unbroken
     assert result.total_steps == 8 and len(result.losses) == 8 and result.start_step == 0
     assert result.losses[-1] < result.losses[0] - 0.75, result.losses  # the tiny model learns the three items
     assert sorted(result.val_losses) == [4, 8]
@@ -73,12 +81,11 @@ def test_loop_without_ray_lowers_the_loss_and_writes_checkpoints_with_lineage(da
         assert torch.equal(model(**batch).logits, again)
 
 
-def test_resume_from_a_checkpoint_gives_the_same_losses(data, tmp_path: Path, monkeypatch) -> None:
+def test_resume_from_a_checkpoint_gives_the_same_losses(data, unbroken, tmp_path: Path, monkeypatch) -> None:
     """Restarting from step 4's checkpoint (as Ray Train does after a failure) reaches the unbroken losses."""
     import models.training as training
 
     settings, folder = data
-    unbroken = train_loop(_config(settings, folder, tmp_path / "a"))
     checkpoint = Path(unbroken.checkpoints[0])
     assert torch.load(checkpoint / TRAINER_STATE, weights_only=False)["step"] == 4
     import contextlib
