@@ -34,6 +34,12 @@ osteoporotic vertebrae whose cortex stays below 450 HU, a thoracic aorta wider t
 vertebral body (the core may jump to it), stool-gas mixtures behind the vertebral front on
 slices without lung. Non-axial series (the positional rules are axial) and MR (no HU) get
 all zeros. Memory: a few float32 and bool copies of the body's bounding box.
+
+Speed (~35 slices per CPU-second at 512x512, 3.7x the plain version): work on boxes (the body's,
+a mask's, the aorta's search window per slice), disk morphology as row-wise running maxima,
+hole filling and propagation as one labelling, convex-hull supports from the rows' end pixels.
+Each gives exactly what scipy's plain operation on the whole image gives (the tests pin that),
+so the masks are the same bit for bit.
 """
 
 from __future__ import annotations
@@ -105,13 +111,10 @@ class _Grid:
         """(S, H, W) float32 in-plane distance (mm) from each True pixel to the nearest False one,
         slice by slice (a 3D transform holds four int32 copies of the volume); with
         edge_is_outside the image edge counts as False; an all-True slice reads +inf."""
-        out = np.full(mask.shape, np.inf, dtype=np.float32)
-        pad = int(edge_is_outside)
-        inner = (slice(pad, -pad or None),) * 2
+        out = np.zeros(mask.shape, dtype=np.float32)
         for k, plane in enumerate(mask):
-            plane = np.pad(plane, pad)
-            if not plane.all():
-                out[k] = ndimage.distance_transform_edt(plane, sampling=self.spacing)[inner]
+            if plane.any():
+                out[k] = _plane_distance(plane, self.spacing, edge_is_outside)
         return out
 
 
@@ -146,7 +149,28 @@ def body_outline(volume: SeriesVolume, settings: ClassicalSettings | None = None
     if not _axial_ct(volume):
         return np.zeros(volume.values.shape, dtype=bool)
     cfg = settings or ClassicalSettings()
-    return _body(_smoothed(volume, cfg)[1], cfg)[1]
+    return _body(_smoothed(volume, cfg)[1], cfg)[1]  # the threshold is exact everywhere
+
+
+def _plane_distance(plane: np.ndarray, spacing: tuple[float, float], edge_is_outside: bool) -> np.ndarray:
+    """distance_transform_edt of one (H, W) plane, computed on its True pixels' box plus a one-pixel
+    False ring (speed: the box is often a small part of the plane). Exact: a False pixel outside
+    the ring is never nearer than the ring pixel it projects onto. +inf on an all-True plane."""
+    rows, cols = np.flatnonzero(plane.any(axis=1)), np.flatnonzero(plane.any(axis=0))
+    r0, r1, c0, c1 = max(rows[0] - 1, 0), rows[-1] + 2, max(cols[0] - 1, 0), cols[-1] + 2
+    crop = plane[r0:r1, c0:c1]
+    # Where the box meets the image edge, the edge is False only when asked for.
+    pad = int(edge_is_outside)
+    before = (pad * (r0 == 0), pad * (c0 == 0))
+    after = (pad * (r1 >= plane.shape[0]), pad * (c1 >= plane.shape[1]))
+    crop = np.pad(crop, ((before[0], after[0]), (before[1], after[1])))
+    out = np.zeros(plane.shape, dtype=np.float32)
+    if crop.all():
+        out[r0:r1, c0:c1] = np.inf
+    else:
+        edt = ndimage.distance_transform_edt(crop, sampling=spacing)
+        out[r0:r1, c0:c1] = edt[before[0]:edt.shape[0] - after[0], before[1]:edt.shape[1] - after[1]]
+    return out
 
 
 def _axial_ct(volume: SeriesVolume) -> bool:
@@ -154,11 +178,29 @@ def _axial_ct(volume: SeriesVolume) -> bool:
     return volume.modality == "CT" and volume.values.size > 0 and abs(normal[2]) >= 0.7
 
 
-def _smoothed(volume: SeriesVolume, cfg: ClassicalSettings) -> tuple[np.ndarray, np.ndarray]:
-    """HU as float32 and smoothed in-plane by a cfg.smooth_mm Gaussian, both (S, H, W)."""
+def _smoothed(volume: SeriesVolume, cfg: ClassicalSettings,
+              everywhere: bool = False) -> tuple[np.ndarray, np.ndarray, tuple[slice, slice]]:
+    """HU as float32 and smoothed in-plane by a cfg.smooth_mm Gaussian, both (S, H, W); the in-plane
+    box where the smoothed values are exact (the whole plane with everywhere).
+
+    Speed: smoothed only where it is read. A pixel whose kernel sees nothing above cfg.body_hu
+    smooths to <= body_hu (a weighted mean), so the body lies within the box of hu > body_hu grown
+    by the kernel's reach, and usually all that _segment_ct reads within 16 more pixels: exact
+    values there (computed with one more reach of context), body_hu (not body) beyond."""
     spacing = np.array([float(s) if s and s > 0 else 1.0 for s in volume.spacing])
     hu = volume.values.astype(np.float32)
-    return hu, ndimage.gaussian_filter(hu, sigma=(0.0, *(cfg.smooth_mm / spacing)))
+    sigma = cfg.smooth_mm / spacing
+    tissue = hu > cfg.body_hu
+    if everywhere or not tissue.any():
+        return hu, ndimage.gaussian_filter(hu, sigma=(0.0, *sigma)), (slice(0, hu.shape[1]), slice(0, hu.shape[2]))
+    smooth = np.full(hu.shape, cfg.body_hu, dtype=np.float32)
+    reach = int(max(4.0 * sigma.max() + 0.5, 1))  # gaussian_filter's default truncate=4.0
+    exact = _box(tissue, pad=reach + 17)
+    wide = tuple(slice(max(s.start - reach, 0), s.stop + reach) for s in exact)
+    part = ndimage.gaussian_filter(hu[:, wide[0], wide[1]], sigma=(0.0, *sigma))
+    inner = tuple(slice(e.start - w.start, e.stop - w.start) for e, w in zip(exact, wide, strict=True))
+    smooth[:, exact[0], exact[1]] = part[:, inner[0], inner[1]]
+    return hu, smooth, exact
 
 
 def _disk(radius_px: float) -> np.ndarray:
@@ -167,12 +209,79 @@ def _disk(radius_px: float) -> np.ndarray:
     return (xx**2 + yy**2 <= max(radius_px, 1.0) ** 2 + 0.5)[None]  # (1, k, k): in-plane only
 
 
+def _dilate_disk(mask: np.ndarray, radius_px: float, outside: bool = False) -> np.ndarray:
+    """binary_dilation(mask, structure=_disk(radius_px)), with pixels beyond the image counting as
+    ``outside``. Speed: the disk is a stack of centred rows, so this is one running-max filter per
+    row width plus a shifted OR per row: O(pixels x rows) instead of O(pixels x disk area)."""
+    disk = _disk(radius_px)[0]
+    half = disk.shape[0] // 2
+    flat = np.ascontiguousarray(mask).view(np.uint8)
+    widened: dict[int, np.ndarray] = {}
+    out = np.zeros(mask.shape, dtype=bool)
+    height = mask.shape[1]
+    for dy in range(-half, half + 1):
+        width = int(disk[dy + half].sum())  # the disk's row dy: centred, odd, possibly empty
+        if not width or abs(dy) >= height:  # an empty row, or one that misses the image
+            out[:] |= bool(width) and outside
+            continue
+        if width not in widened:
+            widened[width] = ndimage.maximum_filter1d(flat, width, axis=2, mode="constant",
+                                                      cval=int(outside)).view(bool)
+        # out[:, i] |= row-widened mask[:, i + dy] where row i + dy exists
+        out[:, max(-dy, 0):height - max(dy, 0)] |= widened[width][:, max(dy, 0):height + min(dy, 0)]
+        if outside:  # rows i + dy beyond the image
+            out[:, :max(-dy, 0)] = True
+            out[:, height - max(dy, 0):] = True
+    return out
+
+
+def _erode_disk(mask: np.ndarray, radius_px: float) -> np.ndarray:
+    """binary_erosion(mask, structure=_disk(radius_px)): beyond the image counts as False. Worked on
+    the mask's box: everything outside it is False, as beyond the image."""
+    out = np.zeros_like(mask)
+    if mask.any():
+        box = (slice(None), *_box(mask, pad=0))
+        out[box] = ~_dilate_disk(~mask[box], radius_px, outside=True)
+    return out
+
+
+def _dilate_disk_boxed(mask: np.ndarray, radius_px: float) -> np.ndarray:
+    """_dilate_disk(mask, radius_px) worked on the mask's box grown by the disk's radius (nothing
+    beyond it can be reached)."""
+    out = np.zeros_like(mask)
+    if mask.any():
+        box = (slice(None), *_box(mask, pad=_disk(radius_px).shape[1] // 2))
+        out[box] = _dilate_disk(mask[box], radius_px)
+    return out
+
+
+def _fill_holes(mask: np.ndarray) -> np.ndarray:
+    """binary_fill_holes(mask, structure=_PLANE) in one labelling (its iterated dilation is ~10x slower):
+    background pieces (8-connected in-plane) touching no image edge are holes."""
+    labels, n = ndimage.label(~mask, structure=_PLANE)
+    hole = np.ones(n + 1, dtype=bool)  # label 0: the mask itself
+    for edge in (labels[:, 0, :], labels[:, -1, :], labels[:, :, 0], labels[:, :, -1]):
+        hole[edge] = False
+    hole[0] = True
+    return hole[labels]
+
+
+def _reconstruct(seeds: np.ndarray, mask: np.ndarray, structure: np.ndarray) -> np.ndarray:
+    """binary_propagation(seeds, structure, mask) for seeds within mask and a connectivity that
+    ndimage.label takes: the pieces of mask that hold a seed, in one labelling."""
+    labels, n = ndimage.label(mask, structure=structure)
+    hit = np.zeros(n + 1, dtype=bool)
+    hit[labels[seeds]] = True
+    hit[0] = False
+    return hit[labels]
+
+
 def _slice_of(labels: np.ndarray, n: int) -> np.ndarray:
-    """Slice index of each per-slice label 1..n (index 0 unused)."""
-    z = np.zeros(n + 1, dtype=np.int64)
-    for k, sl in enumerate(ndimage.find_objects(labels), start=1):
-        if sl is not None:
-            z[k] = sl[0].start
+    """Slice index of each per-slice label 1..n (index 0 unused). ndimage.label numbers pieces in
+    raster order, so slice k holds the labels above the previous slices' maximum."""
+    top = np.maximum.accumulate(labels.reshape(len(labels), -1).max(axis=1)) if labels.size else np.zeros(0)
+    z = np.searchsorted(top, np.arange(n + 1), side="left").astype(np.int64)
+    z[0] = 0
     return z
 
 
@@ -216,6 +325,7 @@ class _Stats:
     def __init__(self, labels: np.ndarray, n: int, grid: _Grid) -> None:
         fg = np.flatnonzero(labels)
         lab = labels.ravel()[fg]
+        self._fg, self._lab = fg, lab
         in_plane = fg % grid.px.size
         xs, ys = grid.px.ravel()[in_plane], grid.py.ravel()[in_plane]
         self.count = np.bincount(lab, minlength=n + 1).astype(np.float64)
@@ -226,19 +336,23 @@ class _Stats:
         self.z = _slice_of(labels, n)
 
     def mean(self, labels: np.ndarray, values: np.ndarray) -> np.ndarray:
-        sums = np.bincount(labels.ravel(), weights=values.ravel(), minlength=len(self.count))
+        """Per label 1..n the mean of values over its pixels (labels: those the stats were built on); 0 for 0."""
+        sums = np.bincount(self._lab, weights=values.ravel()[self._fg], minlength=len(self.count))
         return sums / np.maximum(self.count, 1)
 
 
 def _segment_ct(volume: SeriesVolume, cfg: ClassicalSettings, mask: np.ndarray) -> None:
     spacing = tuple(float(s) if s and s > 0 else 1.0 for s in volume.spacing)
-    hu_full, smooth_full = _smoothed(volume, cfg)
+    hu_full, smooth_full, exact = _smoothed(volume, cfg)
     body_full, inside_full, cut = _body(smooth_full, cfg)
     if not body_full.any():
         return
     # Everything else happens inside the body's bounding box (+ 16 px), which saves half the work.
     rows, cols = np.flatnonzero(inside_full.any(axis=(0, 2))), np.flatnonzero(inside_full.any(axis=(0, 1)))
     box = (slice(None), slice(max(rows[0] - 16, 0), rows[-1] + 17), slice(max(cols[0] - 16, 0), cols[-1] + 17))
+    if not all(e.start <= b.start and min(b.stop, n) <= e.stop
+               for e, b, n in zip(exact, box[1:], hu_full.shape[1:], strict=True)):
+        hu_full, smooth_full, _ = _smoothed(volume, cfg, everywhere=True)  # a cut FOV's frame widened the box
     hu, smooth, body, inside = hu_full[box], smooth_full[box], body_full[box], inside_full[box]
     i = np.arange(hu.shape[1], dtype=np.float64)[:, None] * spacing[0]
     j = np.arange(hu.shape[2], dtype=np.float64)[None, :] * spacing[1]
@@ -246,10 +360,7 @@ def _segment_ct(volume: SeriesVolume, cfg: ClassicalSettings, mask: np.ndarray) 
     grid = _Grid(px=(j * r[0] + i * c[0]).astype(np.float32), py=(j * r[1] + i * c[1]).astype(np.float32),
                  spacing=spacing)
 
-    fg = np.flatnonzero(body)
-    count = np.maximum(np.bincount(fg // grid.px.size, minlength=len(body)), 1)
-    body_x, body_y = (np.bincount(fg // grid.px.size, weights=a.ravel()[fg % a.size], minlength=len(body)) / count
-                      for a in (grid.px, grid.py))  # (S,) body centre
+    body_x, body_y, body_back = _body_geometry(body, grid)  # (S,) each
     # Which cut edges hide the left-right / front-back extent depends on the axis patient x runs along.
     x_on_rows = abs(r[0]) >= abs(c[0])
     lr_cut = cut[:, 2:].any(axis=1) if x_on_rows else cut[:, :2].any(axis=1)
@@ -262,7 +373,6 @@ def _segment_ct(volume: SeriesVolume, cfg: ClassicalSettings, mask: np.ndarray) 
     if has_spine.any():
         midline[lr_cut] = np.median(core[has_spine, 0])
         midline[has_spine] = core[has_spine, 0]
-    body_back = _group_max(fg // grid.py.size, grid.py.ravel()[fg % grid.py.size], len(body))  # (S,)
     back = np.where(cut[:, back_edge], np.inf, body_back)  # unknown where the FOV cuts the back
 
     sides = _lungs(hu, smooth, inside, bone & ~spine, cfg, grid, midline, core, back)
@@ -274,14 +384,32 @@ def _segment_ct(volume: SeriesVolume, cfg: ClassicalSettings, mask: np.ndarray) 
     mask[box] = out
 
 
+def _body_geometry(body: np.ndarray, grid: _Grid) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per slice the body's mean patient x and y (0 without body) and its posterior-most y (-inf)."""
+    x, y, back = np.zeros(len(body)), np.zeros(len(body)), np.full(len(body), -np.inf)
+    px, py = grid.px.ravel(), grid.py.ravel()
+    for k, plane in enumerate(body):  # per slice: no volume-sized index arithmetic
+        fg = np.flatnonzero(plane)
+        if fg.size:
+            one_bin = np.zeros(fg.size, dtype=np.intp)  # bincount sums in pixel order (bit-stable)
+            x[k] = np.bincount(one_bin, weights=px[fg])[0] / fg.size
+            y[k] = np.bincount(one_bin, weights=py[fg])[0] / fg.size
+            back[k] = py[fg].max()
+    return x, y, back
+
+
 def _body(smooth: np.ndarray, cfg: ClassicalSettings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Body and inside (holes filled OR hull), both (S, H, W); edges cutting the body (S, 4: top/bottom/left/right)."""
-    labels, n = ndimage.label(smooth > cfg.body_hu, structure=_PLANE)
-    counts = np.bincount(labels.ravel(), minlength=n + 1)
-    best = _best_per_slice(_slice_of(labels, n), counts, counts > 0, smooth.shape[0])
-    keep = np.zeros(n + 1, dtype=bool)
-    keep[best[best > 0]] = True
-    body = keep[labels]
+    tissue = smooth > cfg.body_hu
+    body = np.zeros_like(tissue)
+    if tissue.any():  # labelled on its box (the same pieces, numbered in the same order)
+        box = (slice(None), *_box(tissue, pad=0))
+        labels, n = ndimage.label(tissue[box], structure=_PLANE)
+        counts = np.bincount(labels.ravel(), minlength=n + 1)
+        best = _best_per_slice(_slice_of(labels, n), counts, counts > 0, smooth.shape[0])
+        keep = np.zeros(n + 1, dtype=bool)
+        keep[best[best > 0]] = True
+        body[box] = keep[labels]
     edges = (body[:, 0, :], body[:, -1, :], body[:, :, 0], body[:, :, -1])
     cut = np.stack([e.mean(axis=1) >= 0.2 for e in edges], axis=1)  # (S, 4)
     framed = body.copy()  # where the field of view cuts the patient, the edge closes the outline
@@ -289,17 +417,35 @@ def _body(smooth: np.ndarray, cfg: ClassicalSettings) -> tuple[np.ndarray, np.nd
     framed[cut[:, 1], -1, :] = True
     framed[cut[:, 2], :, 0] = True
     framed[cut[:, 3], :, -1] = True
-    return body, ndimage.binary_fill_holes(framed, structure=_PLANE) | _hull(body), cut
+    inside = np.zeros_like(body)
+    if body.any():
+        # Holes and hull lie within framed's box; a False ring around it keeps background that
+        # touches the crop's edge connected to the image's edge.
+        box = (slice(None), *_box(framed, pad=1))
+        inside[box] = _fill_holes(framed[box]) | _hull(body, box)
+    return body, inside, cut
 
 
-def _hull(mask: np.ndarray, directions: int = 8) -> np.ndarray:
-    """Per slice a 2*directions-gon around the mask's convex hull: a lung bulging through a thin
-    chest wall is still within it, a mattress under a flat back is not."""
-    i = np.arange(mask.shape[1], dtype=np.float32)[:, None]
-    j = np.arange(mask.shape[2], dtype=np.float32)[None, :]
-    fg = np.flatnonzero(mask)
-    z, fi, fj = fg // i.size // j.size, fg // j.size % i.size, fg % j.size
-    hull = np.broadcast_to(mask.any(axis=(1, 2))[:, None, None], mask.shape).copy()
+def _box(mask: np.ndarray, pad: int) -> tuple[slice, slice]:
+    """In-plane (rows, cols) slices of the mask's bounding box over all slices, plus pad pixels, clipped."""
+    rows, cols = np.flatnonzero(mask.any(axis=(0, 2))), np.flatnonzero(mask.any(axis=(0, 1)))
+    height, width = mask.shape[1:]
+    return (slice(max(rows[0] - pad, 0), min(rows[-1] + pad + 1, height)),
+            slice(max(cols[0] - pad, 0), min(cols[-1] + pad + 1, width)))
+
+
+def _hull(mask: np.ndarray, box: tuple[slice, slice, slice], directions: int = 8) -> np.ndarray:
+    """Per slice a 2*directions-gon around the mask's convex hull, over box (which holds the mask):
+    a lung bulging through a thin chest wall is still within it, a mattress under a flat back is not."""
+    i = np.arange(mask.shape[1], dtype=np.float32)[:, None][box[1]]
+    j = np.arange(mask.shape[2], dtype=np.float32)[None, :][:, box[2]]
+    # A linear function's maximum over a row of pixels lies at one of its ends: the rows' first and
+    # last pixels have the mask's support (the float64 projections equal the all-pixel ones).
+    z, fi = np.nonzero(mask.any(axis=2))
+    first = mask.argmax(axis=2)[z, fi]
+    last = mask.shape[2] - 1 - mask[:, :, ::-1].argmax(axis=2)[z, fi]
+    z, fi, fj = np.r_[z, z], np.r_[fi, fi], np.r_[first, last]
+    hull = np.broadcast_to(mask.any(axis=(1, 2))[:, None, None], (len(mask), i.size, j.size)).copy()
     for theta in np.arange(directions) * np.pi / directions:
         cos, sin = np.float32(np.cos(theta)), np.float32(np.sin(theta))
         proj = cos * fi + sin * fj  # support of the mask's pixels along this direction
@@ -317,9 +463,9 @@ def _vertebrae(smooth, inside, cfg, grid, body_x, body_y, lr_cut, ap_cut):
     # Bone: > 200 HU pieces holding some cortex (> 450 HU). Trabecular bone reads 150-400 HU
     # like an enhanced vessel, which has no cortex.
     labels, n = ndimage.label((smooth > cfg.bone_hu) & inside, structure=_PLANE)
-    dense = np.bincount(labels.ravel(), weights=(smooth > cfg.cortex_hu).ravel(), minlength=n + 1)
+    dense = np.bincount(labels[smooth > cfg.cortex_hu], minlength=n + 1)  # cortex pixels per piece
     dense[0] = 0
-    bone = ndimage.binary_fill_holes((dense > 0)[labels], structure=_PLANE)
+    bone = _fill_holes((dense > 0)[labels])
     labels, n = ndimage.label(bone, structure=_PLANE)
     if not n:
         return bone, bone.copy(), core
@@ -352,10 +498,14 @@ def _vertebrae(smooth, inside, cfg, grid, body_x, body_y, lr_cut, ap_cut):
     # Clip what joins above 200 HU: rib heads (beyond 50 mm either side) and, in front of the
     # core, anything outside the vertebral body's ellipse (an aorta resting on it): semi-axes
     # r + 3 mm front to back, 1.6 r + 4 mm across (a lumbar body is half again as wide as deep).
-    cx3, cy3, cr3 = (np.where(found, core[:, k], 1.0).astype(np.float32)[:, None, None] for k in range(3))
-    dx3, dy3 = grid.px[None] - cx3, grid.py[None] - cy3
+    # (Computed at the selected pixels only: the same float32 arithmetic, a fraction of the pixels.)
+    spine = selected[labels]
+    z, i, j = np.nonzero(spine)
+    cx3, cy3, cr3 = (np.where(found, core[:, k], 1.0).astype(np.float32)[z] for k in range(3))
+    dx3, dy3 = grid.px[i, j] - cx3, grid.py[i, j] - cy3
     front = (dx3 / (1.6 * cr3 + 4.0)) ** 2 + (dy3 / (cr3 + 3.0)) ** 2 <= 1.0
-    return bone, selected[labels] & (np.abs(dx3) <= 50.0) & ((dy3 >= 0.0) | front), core
+    spine[z, i, j] = (np.abs(dx3) <= 50.0) & ((dy3 >= 0.0) | front)
+    return bone, spine, core
 
 
 def _lungs(hu, smooth, inside, bridges, cfg, grid, midline, core, back):
@@ -364,10 +514,10 @@ def _lungs(hu, smooth, inside, bridges, cfg, grid, midline, core, back):
     # rim where pure gas meets tissue (skin, trachea, bowel) also reads -950..-400 HU, so a
     # 2.5 mm band around gas goes; lung cut off by it regrows through parenchyma-density
     # pixels (a rim mixes gas and tissue too unevenly to form such a path).
-    gas = ndimage.binary_dilation(smooth < cfg.gas_hu, structure=_disk(2.5 / grid.px_mm))
+    gas = _dilate_disk_boxed(smooth < cfg.gas_hu, 2.5 / grid.px_mm)
     aerated = (hu < cfg.air_hu) & ~gas
     parenchyma = (hu >= cfg.gas_hu) & (hu < cfg.parenchyma_hu)
-    aerated = ndimage.binary_propagation(aerated, structure=_PLANE_CROSS, mask=aerated | parenchyma)
+    aerated = _reconstruct(aerated, aerated | parenchyma, _PLANE_CROSS)
     labels, n = ndimage.label(aerated, structure=_PLANE)
     sides = np.zeros(aerated.shape, dtype=np.int8)
     if not n:
@@ -375,7 +525,7 @@ def _lungs(hu, smooth, inside, bridges, cfg, grid, midline, core, back):
     stats = _Stats(labels, n, grid)
     z, area = stats.z, stats.count * grid.cell_cm2
     enclosure = stats.mean(labels, inside)
-    thick = stats.mean(labels, ndimage.binary_erosion(aerated, structure=_disk(3.0 / grid.px_mm))) > 0
+    thick = stats.mean(labels, _erode_disk(aerated, 3.0 / grid.px_mm)) > 0
     trachea = (np.abs(stats.x - midline[z]) <= cfg.trachea_offset_mm) & (area < cfg.trachea_cm2)
     not_back = stats.y <= back[z] - 20.0
     keep = (enclosure >= 0.9) & thick & ~trachea & (area >= cfg.min_lung_piece_cm2) & not_back
@@ -385,7 +535,7 @@ def _lungs(hu, smooth, inside, bridges, cfg, grid, midline, core, back):
     # some slice and extends behind the vertebral body's front somewhere.
     front = np.where(np.isnan(core[:, 0]), -np.inf, core[:, 1] - core[:, 2])
     pieces = keep[labels]
-    comp, m = ndimage.label(ndimage.binary_dilation(pieces, structure=_disk(5.0 / grid.px_mm)), structure=_FACES)
+    comp, m = ndimage.label(_dilate_disk_boxed(pieces, 5.0 / grid.px_mm), structure=_FACES)
     piece_comp = np.zeros(n + 1, dtype=np.int64)
     piece_comp[labels[pieces]] = comp[pieces]
     biggest = _group_max(piece_comp[keep], area[keep], m + 1)
@@ -395,7 +545,8 @@ def _lungs(hu, smooth, inside, bridges, cfg, grid, midline, core, back):
     # (both lungs joined at the anterior junction or through bronchi) is split per pixel.
     left = grid.px[None] > midline[:, None, None]
     left_frac = stats.mean(labels, left)
-    sides[keep[labels]] = np.where(left_frac >= 0.5, 1, 2).astype(np.int8)[labels[keep[labels]]]
+    kept = keep[labels]
+    sides[kept] = np.where(left_frac >= 0.5, 1, 2).astype(np.int8)[labels[kept]]
     split = (keep & (left_frac > 0.15) & (left_frac < 0.85))[labels]
     sides[split] = np.where(left[split], 1, 2)
     # Where lung thins under a pixel (diaphragm dome, behind a rib) only slivers and isolated
@@ -405,37 +556,71 @@ def _lungs(hu, smooth, inside, bridges, cfg, grid, midline, core, back):
     small = (enclosure >= 0.25) & not_back & ((area < cfg.min_lung_piece_cm2) | ~thick | (enclosure < 0.9))
     small[0] = False
     fragments = small[labels]
-    hop, neighbours = _disk(5.0 / grid.px_mm), np.array([1, 0, 1], dtype=bool)[:, None, None]
+    # The hops are in-plane: only slices holding a fragment can change.
+    todo = np.flatnonzero(fragments.any(axis=(1, 2)))
+    if not todo.size:
+        return sides
+    hop = _disk(5.0 / grid.px_mm)
     for side in (1, 2):
         lung = sides == side
-        seeds = lung | (fragments & ndimage.binary_dilation(lung, structure=neighbours))
-        grown = ndimage.binary_propagation(seeds, structure=hop, mask=fragments | bridges | lung)
-        sides[grown & fragments & (sides == 0)] = side
+        above_or_below = np.zeros_like(lung)  # a lung pixel on the slice before or after
+        above_or_below[1:] |= lung[:-1]
+        above_or_below[:-1] |= lung[1:]
+        seeds = (lung | (fragments & above_or_below))[todo]
+        grown = ndimage.binary_propagation(seeds, structure=hop, mask=(fragments | bridges | lung)[todo])
+        sub = sides[todo]
+        sub[grown & fragments[todo] & (sub == 0)] = side
+        sides[todo] = sub
     return sides
 
 
 def _aorta(smooth, inside, cfg, grid, core):
     """(S, H, W) bool: the enhanced descending aorta, a round vessel beside the vertebral body."""
-    vessel = (smooth >= cfg.contrast_hu[0]) & (smooth <= cfg.contrast_hu[1]) & inside
+    out = np.zeros(smooth.shape, dtype=bool)
+    size = max(3, int(round(9.0 / grid.px_mm)) | 1)  # the peak filter's width, pixels
+    # Speed: each slice is searched in a crop around the window beside its core. Its margin holds
+    # every pixel a window pixel's result depends on: the peak filter's reach, then the nearest
+    # non-vessel pixel of any distance that can matter (a radius within the range, plus the
+    # filter's reach), then the final disk; so the crop gives the same result as the whole slice.
+    hi_mm = cfg.aorta_diameter_mm[1] / 2.0 + 1.5 + 2 * (size // 2) * max(grid.spacing)
+    margin = size // 2 + int(np.ceil(hi_mm / min(grid.spacing))) + 1
+    for k in np.flatnonzero(~np.isnan(core[:, 0])):
+        cx, cy, cr = (np.float32(v) for v in core[k])
+        dx, ahead = grid.px - cx, cy - grid.py  # mm towards patient left / anterior of the core
+        window = (dx >= -15.0) & (dx <= 50.0) & (ahead >= 0.0) & (ahead <= cr + 60.0)
+        if window.any():
+            crop = tuple(slice(max(s.start - margin, 0), s.stop + margin) for s in _box(window[None], pad=0))
+            out[k][crop] = _aorta_in(smooth[k], inside[k][crop], crop, cfg, grid, (cx, cy, cr), size)
+    return out
+
+
+def _aorta_in(smooth, inside, crop, cfg, grid, core, size):
+    """The aorta of one slice within crop ((rows, cols) slices of it): see _aorta."""
+    cx, cy, cr = core
+    px, py = grid.px[crop], grid.py[crop]
+    vessel = (smooth[crop] >= cfg.contrast_hu[0]) & (smooth[crop] <= cfg.contrast_hu[1]) & inside
     # Not bone: away from cortex and outside the vertebral body's inscribed disk (marrow reads
     # like contrast). An aorta that joined the spine mask is found all the same; its label wins.
-    vessel &= ~ndimage.binary_dilation(smooth > cfg.cortex_hu, structure=_disk(1.0 / grid.px_mm))
-    cx, cy, cr = (np.nan_to_num(core[:, k], nan=-1e9).astype(np.float32)[:, None, None] for k in range(3))
-    dx, ahead = grid.px[None] - cx, cy - grid.py[None]  # mm towards patient left / anterior of the core
+    # (The dilation sees the cortex up to one disk radius beyond the crop, as on the whole slice.)
+    disk = _disk(1.0 / grid.px_mm)
+    reach = disk.shape[1] // 2
+    wide = tuple(slice(max(s.start - reach, 0), s.stop + reach) for s in crop)
+    cortex = ndimage.binary_dilation(smooth[wide] > cfg.cortex_hu, structure=disk[0])
+    top, left = crop[0].start - wide[0].start, crop[1].start - wide[1].start
+    vessel &= ~cortex[top:top + vessel.shape[0], left:left + vessel.shape[1]]
+    dx, ahead = px - cx, cy - py  # mm towards patient left / anterior of the core
     vessel &= np.hypot(dx, ahead) > cr + 1.0
     # Centres of inscribed disks (local maxima of the distance map) in the search window; the
     # one nearest the vertebral core wins.
-    edt = grid.distance(vessel)
-    size = max(3, int(round(9.0 / grid.px_mm)) | 1)
+    edt = (ndimage.distance_transform_edt(vessel, sampling=grid.spacing).astype(np.float32)
+           if not vessel.all() else np.full(vessel.shape, np.inf, dtype=np.float32))
     lo_r, hi_r = (d / 2.0 for d in cfg.aorta_diameter_mm)
-    peak = (edt == ndimage.maximum_filter(edt, size=(1, size, size))) & (edt >= lo_r) & (edt <= hi_r)
+    peak = (edt == ndimage.maximum_filter(edt, size=size)) & (edt >= lo_r) & (edt <= hi_r)
     peak &= (dx >= -15.0) & (dx <= 50.0) & (ahead >= 0.0) & (ahead <= cr + 60.0)
-    score = np.where(peak, -np.hypot(dx, ahead), -np.inf).reshape(len(core), -1)  # (S, H*W)
-    best = score.argmax(axis=1)
-    rows = np.arange(len(core))
-    found = np.isfinite(score[rows, best])
-    bi, bj = np.unravel_index(best, grid.px.shape)
-    radius = edt.reshape(len(core), -1)[rows, best]
-    centre_x, centre_y = grid.px[bi, bj][:, None, None], grid.py[bi, bj][:, None, None]
-    disk = np.hypot(grid.px[None] - centre_x, grid.py[None] - centre_y) <= (radius + 1.5)[:, None, None]
-    return vessel & disk & found[:, None, None]
+    score = np.where(peak, -np.hypot(dx, ahead), -np.inf)
+    best = np.unravel_index(score.argmax(), score.shape)
+    if not np.isfinite(score[best]):
+        return np.zeros(vessel.shape, dtype=bool)
+    radius = edt[best]
+    disk = np.hypot(px - px[best], py - py[best]) <= radius + 1.5
+    return vessel & disk

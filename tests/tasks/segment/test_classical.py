@@ -394,3 +394,187 @@ def test_real_ct_aorta_lies_on_the_patient_left_of_the_spine(real_ct):
     mask = segment(volume)
     x = patient_x(volume)
     assert x[mask == AORTA].mean() > x[mask == VERTEBRAE].mean()
+
+
+# ---- the fast paths against scipy's plain operations -----------------------------------------
+# The backend replaces scipy's disk morphology, hole filling, propagation and whole-plane
+# distance maps by faster equivalents (issue 13); each must give exactly what scipy gives.
+
+def random_masks(seed: int, count: int = 40):
+    """Seeded (2, H, W) masks from 1 x 1 up to 60 x 60 pixels, sparse to nearly full."""
+    rng = np.random.default_rng(seed)
+    for _ in range(count):
+        shape = (2, int(rng.integers(1, 61)), int(rng.integers(1, 61)))
+        yield rng, rng.random(shape) < rng.uniform(0.02, 0.98)
+
+
+def test_disk_dilation_and_erosion_equal_scipys():
+    from scipy import ndimage
+
+    from tasks.segment.classical import _dilate_disk, _dilate_disk_boxed, _disk, _erode_disk
+
+    radii = (0.4, 1.0, 1.3, 1.5, 2.5, 3.24, 4.0, 6.8, 9.5)  # 1.5: a disk whose outer rows are empty
+    for k, (_, mask) in enumerate(random_masks(11)):
+        radius = radii[k % len(radii)]
+        expected = ndimage.binary_dilation(mask, structure=_disk(radius))
+        assert np.array_equal(_dilate_disk(mask, radius), expected), (mask.shape, radius)
+        assert np.array_equal(_dilate_disk_boxed(mask, radius), expected), (mask.shape, radius)
+        assert np.array_equal(_erode_disk(mask, radius), ndimage.binary_erosion(mask, structure=_disk(radius))), \
+            (mask.shape, radius)
+
+
+def test_hole_filling_and_propagation_equal_scipys():
+    from scipy import ndimage
+
+    from tasks.segment.classical import _PLANE, _PLANE_CROSS, _fill_holes, _reconstruct
+
+    for rng, mask in random_masks(12):
+        assert np.array_equal(_fill_holes(mask), ndimage.binary_fill_holes(mask, structure=_PLANE)), mask.shape
+        seeds = mask & (rng.random(mask.shape) < 0.03)
+        assert np.array_equal(_reconstruct(seeds, mask, _PLANE_CROSS),
+                              ndimage.binary_propagation(seeds, structure=_PLANE_CROSS, mask=mask)), mask.shape
+    ring = np.ones((1, 9, 9), dtype=bool)
+    ring[0, 2:7, 2:7] = False  # a 5 x 5 hole: filled; the same hole opened to the edge: not
+    assert _fill_holes(ring).all()
+    ring[0, 4, 7:] = False
+    assert not _fill_holes(ring)[0, 4, 4]
+
+
+def test_per_slice_labels_know_their_slice():
+    from scipy import ndimage
+
+    from tasks.segment.classical import _PLANE, _slice_of
+
+    for _, mask in random_masks(13):
+        labels, n = ndimage.label(mask, structure=_PLANE)
+        expected = [0] + [found[0].start for found in ndimage.find_objects(labels)]
+        assert _slice_of(labels, n).tolist() == expected
+
+
+def test_cropped_distance_maps_equal_whole_plane_ones():
+    from scipy import ndimage
+
+    from tasks.segment.classical import _Grid
+
+    grid = _Grid(px=np.zeros((1, 1), np.float32), py=np.zeros((1, 1), np.float32), spacing=(0.7, 0.9))
+    masks = [mask for _, mask in random_masks(14)]
+    masks += [np.ones((2, 5, 7), dtype=bool), np.zeros((2, 5, 7), dtype=bool)]
+    for mask in masks:
+        for edge_is_outside in (False, True):
+            pad = int(edge_is_outside)
+            expected = np.full(mask.shape, np.inf, dtype=np.float32)  # all-True plane: no False pixel
+            for k, plane in enumerate(mask):
+                plane = np.pad(plane, pad)  # the image edge as a False ring
+                if not plane.all():
+                    full = ndimage.distance_transform_edt(plane, sampling=grid.spacing)
+                    expected[k] = full[pad:full.shape[0] - pad, pad:full.shape[1] - pad]
+            assert np.array_equal(grid.distance(mask, edge_is_outside), expected), (mask.shape, edge_is_outside)
+
+
+def test_the_hull_equals_the_polygon_of_all_pixels():
+    from tasks.segment.classical import _hull
+
+    for _, mask in random_masks(15, count=20):
+        mask = mask & (np.random.default_rng(mask.size).random(mask.shape) < 0.05)  # scattered points
+        rows, cols = mask.shape[1:]
+        i, j = np.mgrid[:rows, :cols].astype(np.float32)
+        expected = np.zeros(mask.shape, dtype=bool)
+        for k, plane in enumerate(mask):
+            if not plane.any():
+                continue
+            fi, fj = np.nonzero(plane)  # every pixel's projection, not just the rows' ends
+            expected[k] = True
+            for theta in np.arange(8) * np.pi / 8:
+                cos, sin = np.float32(np.cos(theta)), np.float32(np.sin(theta))
+                proj = cos * fi + sin * fj
+                line = cos * i + sin * j
+                expected[k] &= (line >= proj.min() - 0.5) & (line <= proj.max() + 0.5)
+        assert np.array_equal(_hull(mask, (slice(None), slice(0, rows), slice(0, cols))), expected), mask.shape
+
+
+def test_smoothing_only_the_body_region_changes_nothing_that_is_read(drop):
+    from scipy import ndimage
+
+    from tasks.segment.classical import ClassicalSettings, _smoothed
+
+    cfg = ClassicalSettings()
+    for se, volume, _ in drop:
+        if se["modality"] != "CT":
+            continue
+        hu, smooth, exact = _smoothed(volume, cfg)
+        sigma = cfg.smooth_mm / np.array(volume.spacing)
+        full = ndimage.gaussian_filter(volume.values.astype(np.float32), sigma=(0.0, *sigma))
+        assert np.array_equal(smooth[:, exact[0], exact[1]], full[:, exact[0], exact[1]]), se["series_uid"]
+        # Outside the exact box the body threshold must read the same as on the whole image.
+        assert np.array_equal(smooth > cfg.body_hu, full > cfg.body_hu), se["series_uid"]
+        # The box covers the body's box plus the 16-pixel margin that _segment_ct reads.
+        tissue = full > cfg.body_hu
+        rows, cols = np.flatnonzero(tissue.any(axis=(0, 2))), np.flatnonzero(tissue.any(axis=(0, 1)))
+        assert exact[0].start <= max(rows[0] - 16, 0) and exact[0].stop >= min(rows[-1] + 17, hu.shape[1])
+        assert exact[1].start <= max(cols[0] - 16, 0) and exact[1].stop >= min(cols[-1] + 17, hu.shape[2])
+
+
+def whole_slice_aorta(smooth, inside, cfg, grid, core):
+    """The aorta rule of _aorta written over whole slices with scipy alone (no search crop)."""
+    from scipy import ndimage
+
+    from tasks.segment.classical import _disk
+
+    vessel = (smooth >= cfg.contrast_hu[0]) & (smooth <= cfg.contrast_hu[1]) & inside
+    vessel &= ~ndimage.binary_dilation(smooth > cfg.cortex_hu, structure=_disk(1.0 / grid.px_mm))
+    cx, cy, cr = (np.nan_to_num(core[:, k], nan=-1e9).astype(np.float32)[:, None, None] for k in range(3))
+    dx, ahead = grid.px[None] - cx, cy - grid.py[None]
+    vessel &= np.hypot(dx, ahead) > cr + 1.0
+    edt = np.full(vessel.shape, np.inf, dtype=np.float32)
+    for k, plane in enumerate(vessel):
+        if not plane.all():
+            edt[k] = ndimage.distance_transform_edt(plane, sampling=grid.spacing)
+    size = max(3, int(round(9.0 / grid.px_mm)) | 1)
+    lo_r, hi_r = (d / 2.0 for d in cfg.aorta_diameter_mm)
+    peak = (edt == ndimage.maximum_filter(edt, size=(1, size, size))) & (edt >= lo_r) & (edt <= hi_r)
+    peak &= (dx >= -15.0) & (dx <= 50.0) & (ahead >= 0.0) & (ahead <= cr + 60.0)
+    score = np.where(peak, -np.hypot(dx, ahead), -np.inf).reshape(len(core), -1)
+    best = score.argmax(axis=1)
+    rows = np.arange(len(core))
+    found = np.isfinite(score[rows, best])
+    bi, bj = np.unravel_index(best, grid.px.shape)
+    radius = edt.reshape(len(core), -1)[rows, best]
+    centre_x, centre_y = grid.px[bi, bj][:, None, None], grid.py[bi, bj][:, None, None]
+    disk = np.hypot(grid.px[None] - centre_x, grid.py[None] - centre_y) <= (radius + 1.5)[:, None, None]
+    return vessel & disk & found[:, None, None]
+
+
+def test_the_aorta_search_crop_finds_what_the_whole_slice_finds(drop, monkeypatch):
+    from tasks.segment import classical
+
+    calls = []
+    real = classical._aorta
+
+    def spy(*args):
+        found = real(*args)
+        calls.append((args, found))
+        return found
+
+    monkeypatch.setattr(classical, "_aorta", spy)
+    for se, volume, _ in drop:
+        if se["modality"] == "CT":
+            ClassicalBackend().segment(volume)
+    assert calls and any(found.any() for _, found in calls), "no aorta found: nothing compared"
+    for args, found in calls:
+        assert np.array_equal(found, whole_slice_aorta(*args))
+
+
+def test_an_aorta_at_the_search_windows_edge_is_whole():
+    """A 28 mm enhanced disk centred 3 mm inside the window's left edge (47 mm patient-left of the
+    core, the window ends at 50 mm) reaches 11 mm beyond it: the crop must still hold all of it."""
+    from tasks.segment.classical import ClassicalSettings, _aorta, _Grid
+
+    i, j = np.mgrid[:200, :200].astype(np.float32)  # 1 mm pixels: x = column, y = row
+    grid = _Grid(px=j, py=i, spacing=(1.0, 1.0))
+    smooth = np.full((1, 200, 200), 40.0, dtype=np.float32)
+    smooth[0][np.hypot(j - 147.0, i - 60.0) <= 14.0] = 300.0
+    core = np.array([[100.0, 100.0, 10.0]])  # x, y, radius (mm) of the vertebral body's disk
+    inside = np.ones(smooth.shape, dtype=bool)
+    found = _aorta(smooth, inside, ClassicalSettings(), grid, core)
+    assert np.array_equal(found, whole_slice_aorta(smooth, inside, ClassicalSettings(), grid, core))
+    assert found[0, 60, 147] and found[0, 60, 160] and not found[0, 60, 163]
