@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -139,7 +140,10 @@ def _planted(drop_dir: Path) -> tuple[str, str]:
 def _scan(paths: list[Path], needles: list[str]) -> dict[str, list[str]]:
     leaks = {}
     for path in paths:
-        data = path.read_bytes()
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:  # a Ray session file of another test process, gone while we looked
+            continue
         text = (data.decode("utf-8", "ignore") + data.decode("latin-1")).casefold()
         found = [n for n in needles if n.casefold() in text]
         if found:
@@ -149,8 +153,16 @@ def _scan(paths: list[Path], needles: list[str]) -> dict[str, list[str]]:
 
 def _ray_session_files(since: float) -> list[Path]:
     """Every file of the Ray sessions that ran since `since` (default temp dir, or under data_dir)."""
-    roots = [p for p in Path("/tmp/ray").glob("session_*") if not p.is_symlink() and p.stat().st_mtime >= since]
-    return [p for root in roots for p in root.rglob("*") if p.is_file() and not p.is_socket()]
+    roots = []
+    for p in Path("/tmp/ray").glob("session_*"):
+        with contextlib.suppress(FileNotFoundError):  # another test process's session may end meanwhile
+            if not p.is_symlink() and p.stat().st_mtime >= since:
+                roots.append(p)
+    files = []
+    for root in roots:
+        with contextlib.suppress(FileNotFoundError):
+            files += [p for p in root.rglob("*") if p.is_file() and not p.is_socket()]
+    return files
 
 
 def _drop_with_fault(root: Path, case: str) -> tuple[Path, list[str]]:
