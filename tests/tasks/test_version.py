@@ -78,19 +78,46 @@ def test_same_inputs_give_same_digest_and_identical_shards(tmp_path: Path) -> No
     assert pq.read_table(tmp_path / "a" / shard.path).num_rows == 4 == a.tables["images"].rows
 
 
-def test_manifest_fields_and_digest_recomputed_independently(tmp_path: Path) -> None:
+def test_manifest_fields(tmp_path: Path) -> None:
     m = write(tmp_path / "v")
     raw = json.loads((tmp_path / "v" / MANIFEST_FILE).read_text())
     assert raw["digest"] == m.digest and raw["parent_digest"] is None and raw["drops"] == ["drop-A"]
+    assert len(m.digest) == 64 and set(m.digest) <= set("0123456789abcdef")  # a sha256 in hex
     assert raw["quarantine_counts"] == {"no_pixel_data": 1} and raw["settings_hash"] == SETTINGS_HASH
     assert raw["tables"]["images"]["rows"] == 4 and raw["created_by"].startswith("radground ")
+    # Independently: the splits entry is the sha256 of the splits file's bytes, one row per patient.
     splits_sha = hashlib.sha256((tmp_path / "v" / "splits.parquet").read_bytes()).hexdigest()
-    shas = sorted(s["sha256"] for s in raw["tables"]["images"]["shards"])
-    payload = {"format_version": 1, "tables": {"images": shas},
-               "splits": splits_sha, "settings_hash": SETTINGS_HASH, "code_version": "0.1.0"}
-    expected = hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-    assert m.digest == expected
+    assert raw["splits"] == {"path": "splits.parquet", "sha256": splits_sha, "rows": 1}
     assert read_manifest(tmp_path / "v") == m == read_manifest(tmp_path / "v" / MANIFEST_FILE)
+
+
+# The digest's documented coverage (tasks/version.py, docs/architecture.md "Dataset version format"):
+# the shards' content hashes, the splits file, the settings hash and the code version; never a
+# timestamp or the parent. The tests below check that behaviour, not the recipe's lines.
+def two_patients() -> dict:
+    """Two parts (one per patient) of the images table."""
+    return {"images": [images_table(2, patient="P1"),
+                       to_arrow([image(i, patient="P2", seed=1) for i in (2, 3)], ImageRecord)]}
+
+
+def test_same_tables_and_splits_give_the_same_digest_whatever_their_order(tmp_path: Path) -> None:
+    a = write(tmp_path / "a", two_patients(), splits={"P1": "train", "P2": "val"})
+    # the parts in the other order, the splits given in the other order: the same version
+    parts = {"images": list(reversed(two_patients()["images"]))}
+    b = write(tmp_path / "b", parts, splits={"P2": "val", "P1": "train"})
+    assert a.digest == b.digest and a.tables == b.tables and a.splits == b.splits
+    assert files(tmp_path / "a") == files(tmp_path / "b")
+
+
+def test_one_patient_moved_to_another_split_changes_the_digest(tmp_path: Path) -> None:
+    before = write(tmp_path / "before", two_patients(), splits={"P1": "train", "P2": "val"})
+    after = write(tmp_path / "after", two_patients(), splits={"P1": "train", "P2": "test"})
+    assert after.tables == before.tables  # the very same shards: only the splits differ
+    assert after.splits.sha256 != before.splits.sha256
+    assert after.digest != before.digest
+    added = write(tmp_path / "added", two_patients(), splits={"P1": "train", "P2": "val", "P3": "test"})
+    assert added.tables == before.tables and added.digest != before.digest  # a patient more in the splits
+    assert len({before.digest, after.digest, added.digest}) == 3
 
 
 def test_a_changed_row_settings_or_code_changes_the_digest(tmp_path: Path) -> None:
@@ -100,8 +127,10 @@ def test_a_changed_row_settings_or_code_changes_the_digest(tmp_path: Path) -> No
     assert write(tmp_path / "row", {"images": [to_arrow(rows, ImageRecord)]}).digest != base
     assert write(tmp_path / "settings", settings_hash="t" * 64).digest != base
     assert write(tmp_path / "code", code_version="0.2.0").digest != base
-    # Not part of the digest: lineage and bookkeeping.
+    # Not part of the digest (documented): lineage and bookkeeping, the parent and the creation time.
     assert write(tmp_path / "meta", drops=["x"], quarantine_counts={}).digest == base
+    child = write(tmp_path / "child", parent=read_manifest(tmp_path / "base"))
+    assert child.parent_digest == base and child.digest == base
 
 
 def test_parent_digest_recorded(tmp_path: Path) -> None:
@@ -201,17 +230,29 @@ def test_split_ratios_respected_over_10000_patients() -> None:
     assert counts == pytest.approx({"train": 0.7, "val": 0.2, "test": 0.1}, abs=0.02)
 
 
+# Ratios chosen so that the old and the new assignment differ for EVERY position x in [0, 1):
+# old 0.5/0.5/0 puts x < 0.5 in train and the rest in val; new 0/0.5/0.5 puts x < 0.5 in val and
+# the rest in test. So, whatever the hash, every earlier patient would move if its split were
+# recomputed, and every new patient lands where the old ratios could not have put it.
+OLD_RATIOS = VersionSettings(train=0.5, val=0.5, test=0.0)
+NEW_RATIOS = VersionSettings(train=0.0, val=0.5, test=0.5)
+
+
 def test_a_patient_never_moves_even_when_ratios_change(tmp_path: Path) -> None:
-    first = [f"2.25.{i}" for i in range(1000)]
-    v1 = assign_splits(first, {}, VersionSettings(train=0.8, val=0.1, test=0.1), KEY)
+    first = [f"2.25.{i}" for i in range(50)]
+    v1 = assign_splits(first, {}, OLD_RATIOS, KEY)
+    assert v1 == {p: expected_split(p, OLD_RATIOS) for p in first}
     write(tmp_path / "v1", splits=v1)
     previous = read_splits(tmp_path / "v1")
     assert previous == v1
-    more = first + [f"2.25.{i}" for i in range(1000, 2000)]
-    v2 = assign_splits(more, previous, VersionSettings(train=0.2, val=0.4, test=0.4), KEY)
-    assert all(v2[p] == v1[p] for p in first)
-    new = [v2[p] for p in more[1000:]]
-    assert new.count("train") < 350  # the new patients follow the new ratios (expected ~200)
+    new = [f"2.25.{i}" for i in range(50, 100)]
+    v2 = assign_splits(first + new, previous, NEW_RATIOS, KEY)
+    assert sorted(v2) == sorted(first + new)
+    assert {p: v2[p] for p in first} == v1  # nobody moved ...
+    assert all(expected_split(p, NEW_RATIOS) != v1[p] for p in first)  # ... though the new ratios differ for all
+    assert {p: v2[p] for p in new} == {p: expected_split(p, NEW_RATIOS) for p in new}  # the new follow the new
+    assert all(v2[p] != expected_split(p, OLD_RATIOS) for p in new)
+    assert {v2[p] for p in new} == {"val", "test"}  # both of the new ratios' splits are used
 
 
 def test_bad_ratios_and_bad_previous_splits_are_refused() -> None:
