@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PYTEST_FAST := -m "not slow and not integration"
 TRAIN_FLOW_TESTS := tests/flows/test_train.py
 
-.PHONY: venv demo test test-fast lint docs bench clean help
+.PHONY: venv demo test test-fast lint docs bench mutate clean help
 
 help:  ## list the targets
 	@awk -F ':.*## ' '/^[a-z-]+:.*## / {printf "  %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -34,6 +34,9 @@ docs: venv  ## regenerate docs/settings.md and the table reference in docs/data-
 
 bench: venv  ## every benchmark under bench/, results in bench/results/ (~10-15 min on 2 cores, estimated)
 	$(BIN)/python bench/run.py
+
+mutate: venv  ## mutmut over tasks/{deid,scrub,discover,version,version_stage}.py, each against its own tests; table in bench/results/ (not in make test; ~25 min with MUTATE_ARGS=--focus, hours for every function, on 2 cores)
+	$(BIN)/python scripts/mutate.py $(MUTATE_ARGS)
 
 clean:  ## remove .venv and the embedded data dir (the dependency cache stays)
 	rm -rf $(VENV) .radground

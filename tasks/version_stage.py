@@ -167,7 +167,9 @@ def _check_into(store: ObjectStore, drop_id: str, settings: Settings, folder: Pa
 
 # ------------------------------------------------------------------------------- the version
 def _key_columns(name: str) -> list[str]:
-    extra = ["patient_pseudonym", "study_uid"] + (["series_uid"] if name == "images" else [])
+    # image_id: a VQA item on a conflicting image is quarantined with it (grounding has it in _SAME_RECORD)
+    extra = ["patient_pseudonym", "study_uid"] + (["series_uid"] if name == "images" else []) + (
+        ["image_id"] if name == "vqa" else [])
     return list(dict.fromkeys([*_SAME_RECORD[name], *extra]))
 
 
@@ -222,7 +224,7 @@ class _VersionParts:
         for index, key in enumerate(_record_keys(name, table)):
             row = {c: values[index] for c, values in refs.items()}
             if mine[index]:
-                self._forgotten_refs |= {v for k, v in row.items() if k != "image_id" and v}
+                self._forgotten_refs |= {v for v in row.values() if v}  # the quality stage refs image ids
             elif name == "images" and self.image_sha.get(row["image_id"], key[1]) != key[1]:
                 self._conflicting_images.add(row["image_id"])
                 self._conflicts.append(_conflict(drop_id, name, row["image_id"], key[1]))
