@@ -54,7 +54,7 @@ def rebuilt(tmp_path_factory):
     first = generate_drop(root / "drop-a", patients=3, seed=31)
     truth = json.loads(first.truth_path.read_text(encoding="utf-8"))
     returning = _second_drop_with_a_returning_patient(first.drop_dir, truth, root / "drop-b")
-    settings = load_settings(data_dir=root / "data", ray={"num_cpus": 2})
+    settings = load_settings(data_dir=root / "data", ray={"num_cpus": 2}, deid={"key": "rebuild-test-key-" + "k" * 40})
     progress.clear()
     with progress_hook(lambda stage, done, total: progress.append((stage, done, total))):
         results = run_rebuild([str(first.drop_dir), str(root / "drop-b")], settings)
@@ -342,7 +342,7 @@ def test_every_stage_reports_its_progress_to_the_front_end(rebuilt):
 
 
 def test_a_rebuild_without_change_says_current_and_draws_the_overlays_asked_for(rebuilt):
-    """Run last in this module: no stage runs (no Prefect, no Ray), and overlays are asked for
+    """No stage runs (no Prefect, no Ray), and overlays are asked for
     although the overlay count is no stage setting (the built drops' ground stages stay current)."""
     root, _, _, settings, results = rebuilt
     assert not (settings.data_dir / "overlays").exists()  # the module's rebuild asked for none
