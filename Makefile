@@ -3,7 +3,6 @@ SHELL := /bin/bash
 VENV := .venv
 BIN := $(VENV)/bin
 PYTEST_FAST := -m "not slow and not integration"
-TRAIN_FLOW_TESTS := tests/flows/test_train.py
 
 .PHONY: venv demo test test-fast lint docs bench mutate clean help
 
@@ -16,12 +15,10 @@ venv:  ## create or update .venv (seconds when up to date; ~4 min when requireme
 demo: venv  ## run the main job on the embedded default and print where its output is (~2-3 min)
 	$(BIN)/radground demo
 
-test: venv  ## the whole test suite, what CI runs (~23 min on 2 cores from a clean clone, + the first venv install); installs chromium, docker-compose and postgresql-15 when missing
+test: venv  ## the whole test suite, what CI runs (~15 min on 2 cores from a clean clone, + the first venv install); installs chromium, docker-compose and postgresql-15 when missing
 	@scripts/ensure-test-packages.sh
-	$(BIN)/python -m pytest --ignore=$(TRAIN_FLOW_TESTS)
-	@# In the same process as the rebuild flow tests, the training flow's local Ray did not start (its GCS
-	@# rejected the auth token); in a process of their own they pass.
-	$(BIN)/python -m pytest $(TRAIN_FLOW_TESTS)
+	@# Two pytest-xdist workers, and the training flow tests beside them in a process of their own.
+	PYTHON=$(BIN)/python scripts/run-tests.sh
 
 test-fast: venv  ## the inner loop: skips tests marked slow or integration (~2-3 min on 2 cores)
 	$(BIN)/python -m pytest $(PYTEST_FAST) -q
