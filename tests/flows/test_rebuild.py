@@ -48,13 +48,16 @@ def _second_drop_with_a_returning_patient(first: Path, truth: dict, target: Path
     return {"patient": patient, "study": study}
 
 
+DEID_KEY = "rebuild-test-key-" + "k" * 40  # fixed: the module's splits must not depend on a random key
+
+
 @pytest.fixture(scope="module")
 def rebuilt(tmp_path_factory):
     root = tmp_path_factory.mktemp("rebuild")
     first = generate_drop(root / "drop-a", patients=3, seed=31)
     truth = json.loads(first.truth_path.read_text(encoding="utf-8"))
     returning = _second_drop_with_a_returning_patient(first.drop_dir, truth, root / "drop-b")
-    settings = load_settings(data_dir=root / "data", ray={"num_cpus": 2}, deid={"key": "rebuild-test-key-" + "k" * 40})
+    settings = load_settings(data_dir=root / "data", ray={"num_cpus": 2}, deid={"key": DEID_KEY})
     progress.clear()
     with progress_hook(lambda stage, done, total: progress.append((stage, done, total))):
         results = run_rebuild([str(first.drop_dir), str(root / "drop-b")], settings)
@@ -275,6 +278,7 @@ def test_datasets_and_lineage_commands_answer_by_pseudonym_only(rebuilt):
     _, truth, returning, settings, results = rebuilt
     env = {k: v for k, v in os.environ.items() if not k.startswith("RADGROUND_")}
     env["RADGROUND_DATA_DIR"] = str(settings.data_dir)
+    env["RADGROUND_DEID__KEY"] = DEID_KEY  # the key the data was built with: where-used hashes the source ID
 
     def cli(*args):
         done = subprocess.run([sys.executable, "-m", "radground", *args], capture_output=True, text=True,
