@@ -192,10 +192,19 @@ class Stack:
         self._run("postgres", [*as_pg, str(PG_BIN / "initdb"), "-D", str(pgdata), "--auth=trust", "--no-sync",
                                "-U", "postgres", "-E", "UTF8", "--locale=C.UTF-8"])
         # max_connections: Prefect's pool (5 + 10 overflow) + MLflow's + the test's queries
-        self._run("postgres", [*as_pg, str(PG_BIN / "pg_ctl"), "-D", str(pgdata), "-w", "-l",
-                               str(self.root / "pgsock" / "postgres.log"), "-o",
-                               f"-c fsync=off -c listen_addresses=127.0.0.1 -p {self.ports['pg']} "
-                               f"-k {sockets} -c max_connections=100", "start"])
+        log = self.root / "pgsock" / "postgres.log"
+        for attempt in range(3):
+            try:
+                self._run("postgres", [*as_pg, str(PG_BIN / "pg_ctl"), "-D", str(pgdata), "-w", "-l", str(log),
+                                       "-o", f"-c fsync=off -c listen_addresses=127.0.0.1 -p {self.ports['pg']} "
+                                       f"-k {sockets} -c max_connections=100", "start"])
+                break
+            except StackError:
+                # The free port was taken between free_port() and the bind (other test processes start Ray
+                # and Prefect in parallel): another port, at most three times.
+                if attempt == 2 or "Address already in use" not in log.read_text(errors="replace"):
+                    raise
+                self.ports["pg"] = free_port()
         for database in ("mlflow", "prefect"):
             self._run("postgres", [*as_pg, str(PG_BIN / "createdb"), "-h", "127.0.0.1",
                                    "-p", str(self.ports["pg"]), "-U", "postgres", database])
