@@ -15,7 +15,7 @@ venv:  ## create or update .venv (seconds when up to date; ~4 min when requireme
 demo: venv  ## run the main job on the embedded default and print where its output is (~2-3 min)
 	$(BIN)/radground demo
 
-test: venv  ## the whole test suite, what CI runs (~17 min on 2 cores from a clean clone, + the first venv install); installs chromium, docker-compose and postgresql-15 when missing
+test: venv  ## the whole test suite, what CI runs (~14-17 min on 2 cores from a clean clone, + the first venv install); installs chromium, docker-compose and postgresql-15 when missing
 	@scripts/ensure-test-packages.sh
 	@# Two pytest-xdist workers, and the training flow tests beside them in a process of their own.
 	PYTHON=$(BIN)/python scripts/run-tests.sh
